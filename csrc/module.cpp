@@ -1,0 +1,21 @@
+// Python bindings of the CPU kernels (fastbml._C). Tensors cross as raw buffer addresses:
+// no libtorch linkage, so the module builds against any torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "scale_noise.h"
+#include "true_class_prob.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastbml CPU kernels (C++/OpenMP)";
+  m.def("multi_tensor_scale_noise", &fastbml::multi_tensor_scale_noise,
+        py::call_guard<py::gil_scoped_release>(), py::arg("ptrs"), py::arg("dtypes"),
+        py::arg("numels"), py::arg("offsets"), py::arg("scale_index"), py::arg("scales_ptr"),
+        py::arg("noise"), py::arg("seed"), py::arg("stream"), py::arg("eps"));
+  m.def("true_class_prob_sums", &fastbml::true_class_prob_sums,
+        py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptr"), py::arg("dtype"),
+        py::arg("n_groups"), py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"),
+        py::arg("out_ptr"));
+}

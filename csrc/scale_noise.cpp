@@ -1,0 +1,158 @@
+// Multi-tensor "x <- scale[g(t)] * x + (std(x) + eps) * N(0, 1)" over many tensors in one call.
+// Phase 1 reduces each tensor's unbiased variance from fixed-size chunks (Chan's combine, in a
+// fixed order, so the result does not depend on the thread count); phase 2 rewrites every chunk
+// in place with the Philox normals of its flattened indices.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dtype.h"
+#include "philox.h"
+#include "scale_noise.h"
+#include "simd.h"
+
+namespace fastbml {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item (a multiple of 4)
+constexpr int64_t kTile = 256;       // Philox blocks drawn per inner tile (1024 normals)
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+struct Moments {
+  double count, mean, m2;
+};
+
+template <typename T>
+Moments chunk_moments(const T* x, int64_t n) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += to_float(x[i]);
+  const double mean = sum / static_cast<double>(n);
+  double m2 = 0.0;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = to_float(x[i]) - mean;
+    m2 += d * d;
+  }
+  return {static_cast<double>(n), mean, m2};
+}
+
+Moments combine(const Moments& a, const Moments& b) {
+  if (a.count == 0.0) return b;
+  const double count = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  return {count, a.mean + delta * b.count / count, a.m2 + b.m2 + delta * delta * a.count * b.count / count};
+}
+
+// Normals for the 4 * kTile flattened indices starting at `first` (first % 4 == 0),
+// stored word-major: normals[w * kTile + j] belongs to index first + 4 * j + w.
+void normal_tile(uint64_t seed, uint32_t stream, int64_t first, float* normals) {
+  const int64_t first_block = first / 4;
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) {
+    const uint64_t block = static_cast<uint64_t>(first_block + j);
+    const Philox4 r = philox4x32(seed, static_cast<uint32_t>(block),
+                                 static_cast<uint32_t>(block >> 32), stream, 0u);
+    box_muller(uniform_open(r.w0), uniform_open(r.w1), normals[j], normals[kTile + j]);
+    box_muller(uniform_open(r.w2), uniform_open(r.w3), normals[2 * kTile + j],
+               normals[3 * kTile + j]);
+  }
+}
+
+template <typename T>
+void scale_chunk(T* x, int64_t n, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = from_float<T>(scale * to_float(x[i]));
+}
+
+template <typename T>
+void scale_noise_chunk(T* x, int64_t n, float scale, float sigma, uint64_t seed, uint32_t stream,
+                       int64_t first) {
+  alignas(64) float normals[4 * kTile];
+  for (int64_t t0 = 0; t0 < n; t0 += 4 * kTile) {
+    normal_tile(seed, stream, first + t0, normals);
+    const int64_t len = std::min<int64_t>(4 * kTile, n - t0);
+    T* xt = x + t0;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float z = normals[(i & 3) * kTile + (i >> 2)];
+      xt[i] = from_float<T>(scale * to_float(xt[i]) + sigma * z);
+    }
+  }
+}
+
+template <typename F>
+auto dispatch(DType dtype, void* ptr, F&& f) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return f(static_cast<BFloat16*>(ptr));
+    case DType::kFloat16:
+      return f(static_cast<Float16*>(ptr));
+    default:
+      return f(static_cast<float*>(ptr));
+  }
+}
+
+FASTBML_SIMD_CLONES
+Moments moments_of(DType dtype, void* ptr, int64_t begin, int64_t end) {
+  return dispatch(dtype, ptr, [&](auto* x) { return chunk_moments(x + begin, end - begin); });
+}
+
+FASTBML_SIMD_CLONES
+void rewrite(DType dtype, void* ptr, int64_t begin, int64_t end, float scale, bool noise,
+             float sigma, uint64_t seed, uint32_t stream, int64_t first) {
+  dispatch(dtype, ptr, [&](auto* x) {
+    if (noise)
+      scale_noise_chunk(x + begin, end - begin, scale, sigma, seed, stream, first);
+    else
+      scale_chunk(x + begin, end - begin, scale);
+  });
+}
+
+}  // namespace
+
+void multi_tensor_scale_noise(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes,
+                              const std::vector<int64_t>& numels,
+                              const std::vector<int64_t>& offsets,
+                              const std::vector<int64_t>& scale_index, uintptr_t scales_ptr,
+                              bool noise, uint64_t seed, uint32_t stream, double eps) {
+  const int64_t n_tensors = static_cast<int64_t>(ptrs.size());
+  const float* scales = reinterpret_cast<const float*>(scales_ptr);
+  std::vector<DType> dtype(n_tensors);
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    dtype[t] = dtype_from_code(dtypes[t]);
+    for (int64_t b = 0; b < numels[t]; b += kChunk) chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
+  }
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+
+  std::vector<float> sigma(n_tensors, 0.0f);
+  if (noise) {
+    std::vector<Moments> partial(n_chunks);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const Chunk& ch = chunks[c];
+      partial[c] = moments_of(dtype[ch.tensor], reinterpret_cast<void*>(ptrs[ch.tensor]), ch.begin, ch.end);
+    }
+    std::vector<Moments> total(n_tensors, Moments{0.0, 0.0, 0.0});
+    for (int64_t c = 0; c < n_chunks; ++c) total[chunks[c].tensor] = combine(total[chunks[c].tensor], partial[c]);
+    for (int64_t t = 0; t < n_tensors; ++t) {
+      const double var = total[t].count > 1.0 ? total[t].m2 / (total[t].count - 1.0) : 0.0;
+      sigma[t] = static_cast<float>(std::sqrt(var) + eps);
+    }
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Chunk& ch = chunks[c];
+    rewrite(dtype[ch.tensor], reinterpret_cast<void*>(ptrs[ch.tensor]), ch.begin, ch.end,
+            scales[scale_index[ch.tensor]], noise, sigma[ch.tensor], seed, stream,
+            offsets[ch.tensor] + ch.begin);
+  }
+}
+
+}  // namespace fastbml

@@ -1,0 +1,1 @@
+"""Backend-dispatching ops: each takes `backend=` and runs the torch, cpp or triton implementation."""

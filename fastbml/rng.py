@@ -1,0 +1,93 @@
+"""The RNG contract: counter-based Philox4x32-10 streams keyed by a 64-bit seed.
+
+Element `i` of an op's flattened input draws word `i % 4` of the Philox block with counter
+(i // 4 as two 32-bit words, stream, 0) under key `seed`; uniforms take the top 24 bits of a word
+centred in their bucket, normals pair words (0, 1) and (2, 3) through Box-Muller. Every backend
+draws the same numbers for the same (seed, stream, index), whatever the block size or threading.
+`philox_uniform` / `philox_normal` below are the plain-torch definition that the cpp and triton
+kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEED_BITS = 63  # seeds are non-negative int64 values, so every backend can take them as-is
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+# Stream numbers (the third counter word) keep an op's independent draws apart.
+STREAM_NOISE = 0
+STREAM_COIN = 1
+STREAM_MASK = 2
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < (1 << SEED_BITS):
+        raise ValueError(f"{name} must be in [0, 2**{SEED_BITS}), got {seed}")
+    return seed
+
+
+def fresh_seed() -> int:
+    """A seed drawn from torch's default CPU generator (honours torch.manual_seed; no device sync)."""
+    return int(torch.randint(0, 1 << SEED_BITS, (), dtype=torch.int64))
+
+
+def resolve_seed(seed: int | None, name: str = "seed") -> int:
+    return fresh_seed() if seed is None else check_seed(seed, name)
+
+
+def step_seed(base_seed: int, step: int) -> int:
+    """The seed of training step `step` in the stream of `base_seed` (SplitMix64 finaliser).
+
+    Every DDP rank derives the same value without communicating, and a resumed run continues
+    the same sequence.
+    """
+    z = (check_seed(base_seed, "base_seed") + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> (64 - SEED_BITS)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    product = b * a  # < 2**64: wraps in int64, but the bit pattern is the unsigned product
+    return (product >> 32) & _MASK32, product & _MASK32
+
+
+def philox_words(seed: int, stream: int, n_blocks: int, *, first_block: int = 0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Philox4x32-10 words for blocks first_block .. first_block + n_blocks - 1: int64 [n, 4]."""
+    block = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
+    c0, c1 = block & _MASK32, (block >> 32) & _MASK32
+    c2 = torch.full_like(block, stream & _MASK32)
+    c3 = torch.zeros_like(block)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c0)
+        hi2, lo2 = _mulhilo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return torch.stack((c0, c1, c2, c3), dim=1)
+
+
+def _to_uniform(words: torch.Tensor) -> torch.Tensor:
+    return (words >> 8).to(torch.float32) * 2.0**-24 + 2.0**-25
+
+
+def philox_uniform(seed: int, stream: int, n: int, *, offset: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniforms in (0, 1) for flattened indices offset .. offset + n - 1 (offset % 4 == 0)."""
+    words = philox_words(seed, stream, -(-n // 4), first_block=offset // 4, device=device)
+    return _to_uniform(words).reshape(-1)[:n]
+
+
+def philox_normal(seed: int, stream: int, n: int, *, offset: int = 0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normals for flattened indices offset .. offset + n - 1 (offset % 4 == 0)."""
+    u = _to_uniform(philox_words(seed, stream, -(-n // 4), first_block=offset // 4, device=device))
+    radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
+    angle = (2.0 * torch.pi) * u[:, 1::2]
+    normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=2)
+    return normals.reshape(-1)[:n]

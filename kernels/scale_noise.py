@@ -1,0 +1,136 @@
+"""Multi-tensor `x <- scale[g(t)] * x + (std(x) + eps) * N(0, 1)`: three launches per dtype.
+
+Tensors are addressed through device tables (pointer, length, stream offset, scale index) and a
+table of fixed-size chunks, so the launch count does not grow with the number of tensors:
+  1. moments: each chunk's count, mean and M2;
+  2. sigma:   each tensor's unbiased std + eps from its chunks (parallel Chan combine);
+  3. rewrite: each chunk scaled, plus sigma times the Philox normals of its flattened indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import normal_block
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE: tl.constexpr):
+    t = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_start + pid)
+    base = tl.load(ptr_table + t).to(tl.pointer_type(DTYPE))
+    return t, start, base + start
+
+
+@triton.jit
+def _moments_kernel(ptr_table, numel_table, chunk_tensor, chunk_start, moments,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE)
+    count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < count
+    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x) / count.to(tl.float32)
+    m2 = tl.sum(tl.where(mask, (x - mean) * (x - mean), 0.0))
+    tl.store(moments + 3 * pid, count.to(tl.float32))
+    tl.store(moments + 3 * pid + 1, mean)
+    tl.store(moments + 3 * pid + 2, m2)
+
+
+@triton.jit
+def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexpr):
+    t = tl.program_id(0)
+    lo = tl.load(first_chunk + t)
+    hi = tl.load(first_chunk + t + 1)
+    total = tl.zeros((), tl.float32)
+    weighted = tl.zeros((), tl.float32)
+    for i in range(n_iters):
+        c = lo + i * CHUNKS + tl.arange(0, CHUNKS)
+        m = c < hi
+        n = tl.load(moments + 3 * c, mask=m, other=0.0)
+        total += tl.sum(n)
+        weighted += tl.sum(n * tl.load(moments + 3 * c + 1, mask=m, other=0.0))
+    mean = weighted / tl.maximum(total, 1.0)
+    m2 = tl.zeros((), tl.float32)
+    for i in range(n_iters):
+        c = lo + i * CHUNKS + tl.arange(0, CHUNKS)
+        m = c < hi
+        n = tl.load(moments + 3 * c, mask=m, other=0.0)
+        d = tl.load(moments + 3 * c + 1, mask=m, other=0.0) - mean
+        m2 += tl.sum(tl.load(moments + 3 * c + 2, mask=m, other=0.0) + n * d * d)
+    var = tl.where(total > 1.0, m2 / tl.maximum(total - 1.0, 1.0), 0.0)
+    tl.store(sigma + t, tl.sqrt(var) + eps)
+
+
+@triton.jit(do_not_specialize=["seed", "stream"])
+def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, sigma,
+                    chunk_tensor, chunk_start, seed, stream,
+                    NOISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.load(numel_table + t) - start
+    scale = tl.load(scales + tl.load(scale_index + t))
+    x = tl.load(ptr + offs, mask=mask).to(tl.float32)
+    y = scale * x
+    if NOISE:
+        first = tl.load(offset_table + t) + start
+        y += tl.load(sigma + t) * normal_block(seed, stream, first, BLOCK)
+    tl.store(ptr + offs, y.to(DTYPE), mask=mask)
+
+
+def _device_table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
+                              scale_index: Sequence[int], scales: torch.Tensor, *, noise: bool,
+                              seed: int, stream: int, eps: float, block: int | None = None) -> None:
+    """In place on contiguous tensors; `offsets` are their starts in the random stream (% 4 == 0).
+
+    Tensors of different dtypes go in separate launches (one set per dtype)."""
+    if not tensors:
+        return
+    device = tensors[0].device
+    if block is None:
+        block = 16384 if device.type == "cpu" else 4096
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():
+            by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, members in by_dtype.items():
+        chunk_tensor, chunk_start, first_chunk = [], [], [0]
+        for local, i in enumerate(members):
+            starts = range(0, tensors[i].numel(), block)
+            chunk_tensor += [local] * len(starts)
+            chunk_start += starts
+            first_chunk.append(len(chunk_tensor))
+        per_tensor = _device_table(
+            [[tensors[i].data_ptr() for i in members], [tensors[i].numel() for i in members],
+             [offsets[i] for i in members], [scale_index[i] for i in members]], device)
+        ptrs, numels, starts_in_stream, groups = per_tensor.unbind(0)
+        chunks = _device_table([chunk_tensor, chunk_start], device)
+        n_chunks = len(chunk_tensor)
+        sigma = torch.empty(len(members), dtype=torch.float32, device=device)
+        warps = 8 if block >= 4096 else 4
+        if noise:
+            moments = torch.empty(n_chunks, 3, dtype=torch.float32, device=device)
+            _moments_kernel[(n_chunks,)](ptrs, numels, chunks[0], chunks[1], moments,
+                                         DTYPE=_TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
+            first = _device_table([first_chunk], device)[0]
+            most = max(b - a for a, b in zip(first_chunk, first_chunk[1:]))
+            _sigma_kernel[(len(members),)](moments, first, sigma, eps, triton.cdiv(most, 1024),
+                                           CHUNKS=1024)
+        _rewrite_kernel[(n_chunks,)](ptrs, numels, starts_in_stream, groups, scales, sigma,
+                                     chunks[0], chunks[1], seed, stream, NOISE=noise,
+                                     DTYPE=_TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
