@@ -1,0 +1,208 @@
+"""OGM / OGM-GE: on-the-fly gradient modulation with generalisation-enhancing noise (SPEC §1).
+
+After `loss.backward()`, each modality's encoder gradient is scaled by a coefficient that shrinks
+when that modality dominates the others (k_m < 1), and OGM-GE adds Gaussian noise with each
+tensor's own gradient std. All of it stays on the device: no host sync per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import rng
+from .ops._multi_tensor import FLOAT_DTYPES
+from .ops.scale_noise import multi_tensor_scale_noise_
+from .ops.scores import modality_scores
+
+COEFF_FORMS = ("paper", "shifted")
+NOISE_EPS = 1e-8  # added to each tensor's gradient std, as the reference code does
+
+
+def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") -> torch.Tensor:
+    """Per-modality gradient coefficients k [M] (float32) from the scores s [M].
+
+    rho_m = s_m / max_{j != m} s_j (for M = 2, the ratio to the other modality). A modality is
+    modulated only when it leads strictly (rho_m > 1; an exact tie modulates neither):
+    "paper" gives k_m = 1 - tanh(alpha * rho_m) (CVPR Eq. 10, discontinuous at rho = 1),
+    "shifted" gives k_m = 1 - tanh(alpha * (rho_m - 1)); every other modality gets k = 1.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
+    if scores.dim() != 1 or scores.numel() < 2:
+        raise ValueError(f"scores must be a vector of M >= 2 modality scores, got shape "
+                         f"{tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    if form not in COEFF_FORMS:
+        raise ValueError(f"form must be one of {COEFF_FORMS}, got {form!r}")
+    s = scores.detach().to(torch.float32)
+    others = s.expand(s.numel(), -1).masked_fill(
+        torch.eye(s.numel(), dtype=torch.bool, device=s.device), float("-inf"))
+    rho = s / others.amax(dim=1)
+    excess = rho if form == "paper" else rho - 1.0
+    return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * excess), torch.ones_like(rho))
+
+
+def _grouped(params, modality_index) -> list[list[torch.Tensor]]:
+    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
+        raise TypeError("params must be a list of per-modality parameter lists, or a flat list "
+                        "with modality_index")
+    params = list(params)
+    if modality_index is None:
+        groups = []
+        for m, group in enumerate(params):
+            if isinstance(group, torch.Tensor) or not isinstance(group, Iterable):
+                raise TypeError(f"params[{m}] must be a list of tensors (one list per modality); "
+                                "pass modality_index with a flat list")
+            groups.append(list(group))
+        return groups
+    index = list(modality_index)
+    if len(index) != len(params):
+        raise ValueError(f"modality_index has {len(index)} entries for {len(params)} params")
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in index):
+        raise ValueError("modality_index must hold non-negative ints")
+    groups = [[] for _ in range(max(index, default=-1) + 1)]
+    for p, m in zip(params, index):
+        groups[m].append(p)
+    return groups
+
+
+def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int] | None = None,
+                  noise: bool = True, seed: int | None = None, backend: str = "auto") -> None:
+    """In place on every param's `.grad`: g <- k_m * g (+ N(0, (std(g) + 1e-8)^2) if `noise`).
+
+    `params` is one list of parameters per modality (or a flat list with `modality_index`);
+    `coeffs` the device vector k [M]. The std is each tensor's unbiased std before scaling; a
+    1-element gradient gets noise std 1e-8. Parameters whose grad is None are skipped. Non-finite
+    gradients are not masked: a tensor holding inf/NaN stays non-finite, the others are
+    unaffected (with AMP, GradScaler has already recorded the overflow and skips the step).
+    Noise is drawn from the Philox stream of `seed` (fresh from torch's generator when None).
+    """
+    groups = _grouped(params, modality_index)
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
+    if coeffs.dim() != 1 or coeffs.numel() != len(groups):
+        raise ValueError(f"coeffs must have one entry per modality ({len(groups)}), got shape "
+                         f"{tuple(coeffs.shape)}")
+    grads, scale_index, seen = [], [], set()
+    for m, group in enumerate(groups):
+        for j, p in enumerate(group):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{m}][{j}] must be a tensor, got {type(p).__name__}")
+            if id(p) in seen:
+                raise ValueError(f"params[{m}][{j}] appears in more than one modality group")
+            seen.add(id(p))
+            if p.grad is None:
+                continue
+            if p.grad.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"params[{m}][{j}].grad must be float32, bfloat16 or float16, "
+                                f"got {p.grad.dtype}")
+            if p.grad.device != coeffs.device:
+                raise ValueError(f"params[{m}][{j}].grad is on {p.grad.device} but coeffs on "
+                                 f"{coeffs.device}")
+            if p.grad.is_sparse:
+                raise TypeError(f"params[{m}][{j}].grad is sparse; OGM needs dense gradients")
+            grads.append(p.grad)
+            scale_index.append(m)
+    multi_tensor_scale_noise_(grads, scale_index, coeffs.detach(), noise=noise,
+                              seed=rng.resolve_seed(seed), stream=rng.STREAM_NOISE,
+                              eps=NOISE_EPS, backend=backend)
+
+
+GroupSpec = nn.Module | Iterable[torch.Tensor]
+
+
+class OGM:
+    """Drop-in OGM / OGM-GE for a training loop.
+
+        ogm = fastbml.OGM({"audio": model.audio_net, "visual": model.visual_net}, alpha=0.8)
+        loss.backward()                      # with AMP: scaler.unscale_(optimizer) first
+        ogm.step({"audio": u_a, "visual": u_v}, labels, epoch=epoch)
+        optimizer.step()
+
+    `groups` maps each modality to its encoder module (modulated: its weights with ndim >= 2,
+    or only 4-D conv kernels with `conv_only=True`, the original repository's rule) or to an
+    explicit list of parameters (taken as given). Modulation runs for start <= epoch <= end
+    (inclusive; `end=None` is open) and epoch >= warmup_epochs. `noise=False` gives plain OGM.
+    Step t draws its noise from rng.step_seed(seed, t), so DDP ranks agree and a resumed run
+    (state_dict) continues the same stream. With gradient accumulation, call `step` once per
+    optimizer step, after the last backward; the scores are then the last micro-batch's.
+    `last_scores` and `last_coeffs` (device tensors, no sync) hold the latest step's values;
+    the coefficients are the ones applied (ones outside the window).
+    """
+
+    def __init__(self, groups: Mapping[str, GroupSpec], alpha: float, *, form: str = "paper",
+                 noise: bool = True, start: int = 0, end: int | None = None,
+                 warmup_epochs: int = 0, seed: int | None = None, conv_only: bool = False,
+                 backend: str = "auto"):
+        if not isinstance(groups, Mapping) or len(groups) < 2:
+            raise ValueError("groups must map at least two modality names to modules or "
+                             "parameter lists")
+        ogm_coefficients(torch.ones(2), alpha, form)  # validates alpha and form
+        for name, value in (("start", start), ("warmup_epochs", warmup_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
+            raise ValueError(f"end must be None or an int >= start ({start}), got {end!r}")
+        self.modalities = list(groups)
+        self.params = [self._select(name, spec, conv_only) for name, spec in groups.items()]
+        self.alpha, self.form, self.noise = float(alpha), form, noise
+        self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
+        self.backend = backend
+        self.seed = rng.resolve_seed(seed)
+        self.steps = 0
+        self.last_scores: torch.Tensor | None = None
+        self.last_coeffs: torch.Tensor | None = None
+
+    @staticmethod
+    def _select(name: str, spec: GroupSpec, conv_only: bool) -> list[torch.Tensor]:
+        if isinstance(spec, nn.Module):
+            wanted = (lambda p: p.dim() == 4) if conv_only else (lambda p: p.dim() >= 2)
+            return [p for p in spec.parameters() if p.requires_grad and wanted(p)]
+        if isinstance(spec, torch.Tensor) or not isinstance(spec, Iterable):
+            raise TypeError(f"groups[{name!r}] must be an nn.Module or a list of parameters, got "
+                            f"{type(spec).__name__}")
+        return list(spec)
+
+    def active(self, epoch: int) -> bool:
+        """Whether gradients are modulated in `epoch` (0-based)."""
+        return (epoch >= max(self.start, self.warmup_epochs)
+                and (self.end is None or epoch <= self.end))
+
+    def _ordered(self, logits) -> list[torch.Tensor]:
+        if isinstance(logits, Mapping):
+            if set(logits) != set(self.modalities):
+                raise ValueError(f"logits keys {sorted(logits)} do not match the modality groups "
+                                 f"{sorted(self.modalities)}")
+            return [logits[name] for name in self.modalities]
+        logits = list(logits)
+        if len(logits) != len(self.modalities):
+            raise ValueError(f"got logits for {len(logits)} modalities, expected "
+                             f"{len(self.modalities)} ({', '.join(self.modalities)})")
+        return logits
+
+    def step(self, logits: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+             labels: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Score the modalities on this batch and modulate the gradients; returns k [M]."""
+        scores = modality_scores(self._ordered(logits), labels, backend=self.backend)
+        if self.active(epoch):
+            coeffs = ogm_coefficients(scores, self.alpha, self.form)
+            ogm_modulate_(self.params, coeffs, noise=self.noise,
+                          seed=rng.step_seed(self.seed, self.steps), backend=self.backend)
+        else:
+            coeffs = torch.ones_like(scores)
+        self.steps += 1
+        self.last_scores, self.last_coeffs = scores, coeffs
+        return coeffs
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.seed = rng.check_seed(state["seed"])
+        self.steps = int(state["steps"])

@@ -1,0 +1,98 @@
+"""`modality_scores`: how much probability each modality's logits give the true labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..backend import cpp_module, resolve_backend
+from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
+
+
+def _torch_impl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    index = labels.expand(logits.shape[0], -1).unsqueeze(-1)
+    return log_probs.gather(-1, index).squeeze(-1).exp().sum(dim=1)
+
+
+def _cpp_impl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.contiguous()
+    labels = labels.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.float32)
+    cpp_module().true_class_prob_sums(logits.data_ptr(), CPP_DTYPE_CODES[logits.dtype],
+                                      *logits.shape, labels.data_ptr(), out.data_ptr())
+    return out
+
+
+def _triton_impl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from ..kernels.true_class_prob import true_class_prob_sums
+
+    return true_class_prob_sums(logits, labels.contiguous())
+
+
+_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+
+
+def _stack_logits(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() != 3:
+            raise ValueError(f"logits as one tensor must be [M, B, C], got shape {tuple(logits.shape)}")
+        stacked = logits
+    else:
+        if isinstance(logits, (str, bytes)) or not isinstance(logits, Sequence) or not logits:
+            raise TypeError("logits must be a non-empty sequence of [B, C] tensors or one [M, B, C] tensor")
+        for m, u in enumerate(logits):
+            if not isinstance(u, torch.Tensor):
+                raise TypeError(f"logits[{m}] must be a tensor, got {type(u).__name__}")
+            if u.dim() != 2:
+                raise ValueError(f"logits[{m}] must be [B, C], got shape {tuple(u.shape)}")
+            if u.shape != logits[0].shape:
+                raise ValueError(f"logits[{m}] has shape {tuple(u.shape)} but logits[0] has "
+                                 f"{tuple(logits[0].shape)}: modalities must share [B, C]")
+            if u.device != logits[0].device or u.dtype != logits[0].dtype:
+                raise ValueError(f"logits[{m}] is {u.dtype} on {u.device} but logits[0] is "
+                                 f"{logits[0].dtype} on {logits[0].device}")
+        stacked = torch.stack([u.detach() for u in logits])
+    if stacked.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {stacked.dtype}")
+    if stacked.shape[2] == 0:
+        raise ValueError("logits have 0 classes")
+    return stacked.detach()
+
+
+def _check_labels(labels: torch.Tensor, batch: int, n_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}] (the batch of the logits), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but logits on {device}")
+    labels = labels.to(torch.int64)
+    in_range = ((labels >= 0) & (labels < n_classes)).all()
+    if labels.device.type == "cpu":
+        if batch and not in_range:
+            raise ValueError(f"labels must lie in [0, {n_classes}), got values outside it")
+    elif labels.device.type == "cuda":  # checked on device: no host sync
+        torch._assert_async(in_range, f"fastbml: labels must lie in [0, {n_classes})")
+    return labels
+
+
+def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
+                    backend: str = "auto") -> torch.Tensor:
+    """s_m = sum_i softmax(logits_m[i])[labels[i]] for each modality m: float32 [M], detached.
+
+    `logits` is a sequence of M tensors [B, C] or one [M, B, C] tensor; `labels` is [B]. The sum
+    (not the mean) over the batch is what OGM and OPM take ratios of (SPEC §0.4). Labels out of
+    range raise ValueError on CPU and trip a device-side assert on CUDA (no host sync).
+    """
+    stacked = _stack_logits(logits)
+    groups, batch, n_classes = stacked.shape
+    labels = _check_labels(labels, batch, n_classes, stacked.device)
+    if batch == 0:
+        return torch.zeros(groups, dtype=torch.float32, device=stacked.device)
+    return _IMPLS[resolve_backend(backend, stacked.device)](stacked, labels)
