@@ -18,13 +18,13 @@ class OptionalBuildExt(build_ext):
     def run(self):
         try:
             super().run()
-        except Exception as err:  # noqa: BLE001 - any compiler failure means "no cpp backend"
+        except Exception as err:  # any compiler failure means "no cpp backend"
             self._explain(err)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self._explain(err)
 
     @staticmethod

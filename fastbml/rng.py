@@ -32,7 +32,7 @@ def check_seed(seed: object, name: str = "seed") -> int:
 
 def fresh_seed() -> int:
     """A seed drawn from torch's default CPU generator (honours torch.manual_seed; no device sync)."""
-    return int(torch.randint(0, 1 << SEED_BITS, (), dtype=torch.int64))
+    return int(torch.randint(0, (1 << SEED_BITS) - 1, (), dtype=torch.int64))
 
 
 def resolve_seed(seed: int | None, name: str = "seed") -> int:
@@ -56,20 +56,25 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (product >> 32) & _MASK32, product & _MASK32
 
 
-def philox_words(seed: int, stream: int, n_blocks: int, *, first_block: int = 0,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Philox4x32-10 words for blocks first_block .. first_block + n_blocks - 1: int64 [n, 4]."""
-    block = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
-    c0, c1 = block & _MASK32, (block >> 32) & _MASK32
-    c2 = torch.full_like(block, stream & _MASK32)
-    c3 = torch.zeros_like(block)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               k0: int, k1: int) -> torch.Tensor:
+    """Philox4x32-10 of counters (c0..c3, int64 tensors holding uint32 values) under key
+    (k0, k1): the four output words, int64 [n, 4]."""
     for _ in range(10):
         hi0, lo0 = _mulhilo(0xD2511F53, c0)
         hi2, lo2 = _mulhilo(0xCD9E8D57, c2)
         c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
     return torch.stack((c0, c1, c2, c3), dim=1)
+
+
+def philox_words(seed: int, stream: int, n_blocks: int, *, first_block: int = 0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Philox words of blocks first_block .. first_block + n_blocks - 1 of (seed, stream): [n, 4]."""
+    block = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
+    return philox4x32(block & _MASK32, (block >> 32) & _MASK32,
+                      torch.full_like(block, stream & _MASK32), torch.zeros_like(block),
+                      seed & _MASK32, (seed >> 32) & _MASK32)
 
 
 def _to_uniform(words: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ table of fixed-size chunks, so the launch count does not grow with the number of
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -128,7 +129,7 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
             _moments_kernel[(n_chunks,)](ptrs, numels, chunks[0], chunks[1], moments,
                                          DTYPE=_TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
             first = _device_table([first_chunk], device)[0]
-            most = max(b - a for a, b in zip(first_chunk, first_chunk[1:]))
+            most = max(b - a for a, b in itertools.pairwise(first_chunk))
             _sigma_kernel[(len(members),)](moments, first, sigma, eps, triton.cdiv(most, 1024),
                                            CHUNKS=1024)
         _rewrite_kernel[(n_chunks,)](ptrs, numels, starts_in_stream, groups, scales, sigma,
