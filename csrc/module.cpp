@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "feature_drop.h"
 #include "scale_noise.h"
 #include "true_class_prob.h"
 
@@ -18,4 +19,8 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptr"), py::arg("dtype"),
         py::arg("n_groups"), py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"),
         py::arg("out_ptr"));
+  m.def("opm_drop_scale", &fastbml::opm_drop_scale, py::call_guard<py::gil_scoped_release>(),
+        py::arg("in_ptrs"), py::arg("out_ptrs"), py::arg("dtype"), py::arg("batch"),
+        py::arg("dims"), py::arg("row_strides"), py::arg("q_ptr"), py::arg("threshold"),
+        py::arg("seed"), py::arg("weights_ptr"));
 }

@@ -1,13 +1,22 @@
 """fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning)."""
 
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
+from .opm import OPM, opm_drop_probs
+from .ops.feature_drop import opm_drop
 from .ops.scores import modality_scores
+from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OGM",
+    "OPM",
+    "concat_unimodal_logits",
     "modality_scores",
     "ogm_coefficients",
     "ogm_modulate_",
+    "opm_drop",
+    "opm_drop_probs",
+    "sum_unimodal_logits",
+    "unimodal_logits",
 ]

@@ -1,0 +1,128 @@
+// OPM's fused drop + rescale. The per-row factors (coin, Bernoulli keep mask, 1/(1-theta)) are
+// M * B numbers, drawn here from the Philox streams each call (forward and backward alike), so
+// nothing but the seed has to be kept between the two; the elementwise pass then scales every
+// row of every modality by its factor.
+#include "feature_drop.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "dtype.h"
+#include "philox.h"
+#include "simd.h"
+
+namespace fastbml {
+namespace {
+
+constexpr uint32_t kStreamCoin = 1;  // fastbml.rng.STREAM_COIN
+constexpr uint32_t kStreamMask = 2;  // fastbml.rng.STREAM_MASK
+constexpr int64_t kWorkElements = 1 << 15;  // elements per parallel work item (whole rows)
+// Below these sizes a parallel region costs more than it saves (and on a busy machine a
+// barrier can wait for a descheduled thread), so the loops run on the calling thread.
+constexpr int64_t kParallelDraws = 1 << 13;
+constexpr int64_t kParallelElements = 1 << 16;
+
+// The Philox uniform of flattened element `index` of `stream` (word index % 4 of block index / 4).
+float uniform_at(uint64_t seed, uint32_t stream, int64_t index) {
+  const uint64_t block = static_cast<uint64_t>(index) >> 2;
+  const Philox4 r = philox4x32(seed, static_cast<uint32_t>(block),
+                               static_cast<uint32_t>(block >> 32), stream, 0u);
+  const uint32_t words[4] = {r.w0, r.w1, r.w2, r.w3};
+  return uniform_open(words[index & 3]);
+}
+
+template <typename T>
+void scale_rows(const T* x, T* out, int64_t rows, int64_t dim, int64_t row_stride,
+                const float* factor) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * row_stride;
+    T* yr = out + r * dim;
+    const float s = factor[r];
+#pragma omp simd
+    for (int64_t j = 0; j < dim; ++j) yr[j] = from_float<T>(s * to_float(xr[j]));
+  }
+}
+
+FASTBML_SIMD_CLONES
+void scale_rows_any(DType dtype, uintptr_t in, uintptr_t out, int64_t first_row, int64_t rows,
+                    int64_t dim, int64_t row_stride, const float* factor) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      scale_rows(reinterpret_cast<const BFloat16*>(in) + first_row * row_stride,
+                 reinterpret_cast<BFloat16*>(out) + first_row * dim, rows, dim, row_stride, factor);
+      break;
+    case DType::kFloat16:
+      scale_rows(reinterpret_cast<const Float16*>(in) + first_row * row_stride,
+                 reinterpret_cast<Float16*>(out) + first_row * dim, rows, dim, row_stride, factor);
+      break;
+    default:
+      scale_rows(reinterpret_cast<const float*>(in) + first_row * row_stride,
+                 reinterpret_cast<float*>(out) + first_row * dim, rows, dim, row_stride, factor);
+  }
+}
+
+struct Work {
+  int64_t modality, first_row, rows;
+};
+
+}  // namespace
+
+void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uintptr_t>& out_ptrs,
+                    int dtype_code, int64_t batch, const std::vector<int64_t>& dims,
+                    const std::vector<int64_t>& row_strides, uintptr_t q_ptr, float threshold,
+                    uint64_t seed, uintptr_t weights_ptr) {
+  const DType dtype = dtype_from_code(dtype_code);
+  const int64_t n_mod = static_cast<int64_t>(dims.size());
+  const float* q = reinterpret_cast<const float*>(q_ptr);
+
+  float weighted = 0.0f;
+  int64_t total_dim = 0;
+  for (int64_t m = 0; m < n_mod; ++m) {
+    weighted += static_cast<float>(dims[m]) * q[m];
+    total_dim += dims[m];
+  }
+  const float theta = total_dim > 0 ? weighted / static_cast<float>(total_dim) : 0.0f;
+  const float inv = theta < 1.0f ? 1.0f / (1.0f - theta) : 0.0f;
+  const bool executed = uniform_at(seed, kStreamCoin, 0) >= threshold;
+
+  // factor[m * batch + i]: what row i of modality m is multiplied by.
+  std::vector<float> factor(static_cast<size_t>(n_mod * batch), 1.0f);
+  if (executed) {
+#pragma omp parallel for schedule(static) if (n_mod * batch >= kParallelDraws)
+    for (int64_t k = 0; k < n_mod * batch; ++k)
+      factor[k] = uniform_at(seed, kStreamMask, k) >= q[k / batch] ? inv : 0.0f;
+  }
+
+  if (weights_ptr != 0) {
+    float* weights = reinterpret_cast<float*>(weights_ptr);
+    float kept = 0.0f;  // an exact count (< 2^24 rows)
+    for (int64_t i = 0; i < batch; ++i) {
+      bool any = !executed;
+      for (int64_t m = 0; m < n_mod && !any; ++m) any = uniform_at(seed, kStreamMask, m * batch + i) >= q[m];
+      weights[i] = any ? 1.0f : 0.0f;
+      kept += weights[i];
+    }
+    const float norm = kept > 0.0f ? 1.0f / kept : 0.0f;
+    for (int64_t i = 0; i < batch; ++i) weights[i] *= norm;
+  }
+
+  std::vector<Work> work;
+  int64_t elements = 0;
+  for (int64_t m = 0; m < n_mod; ++m) {
+    const int64_t rows_per_item = std::max<int64_t>(1, kWorkElements / std::max<int64_t>(dims[m], 1));
+    for (int64_t r = 0; r < batch && dims[m] > 0; r += rows_per_item)
+      work.push_back({m, r, std::min(rows_per_item, batch - r)});
+    elements += batch * dims[m];
+  }
+  const int64_t n_work = static_cast<int64_t>(work.size());
+#pragma omp parallel for schedule(static) if (elements >= kParallelElements)
+  for (int64_t w = 0; w < n_work; ++w) {
+    const Work& item = work[w];
+    const int64_t m = item.modality;
+    scale_rows_any(dtype, in_ptrs[m], out_ptrs[m], item.first_row, item.rows, dims[m],
+                   row_strides[m], factor.data() + m * batch + item.first_row);
+  }
+}
+
+}  // namespace fastbml

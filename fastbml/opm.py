@@ -1,0 +1,183 @@
+"""OPM: on-the-fly prediction modulation (T-PAMI 2024, SPEC §2).
+
+In the forward pass, the pooled features of a dominant modality are dropped for random samples
+(before fusion) with a probability that grows with its dominance, and every feature is rescaled by
+1 / (1 - theta). Scores, probabilities, coin and masks stay on the device: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import rng
+from .ops.feature_drop import check_probability, opm_drop
+from .ops.scores import modality_scores
+
+
+def _check_number(value: object, name: str, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+    return float(value)
+
+
+def opm_drop_probs(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
+    """Per-modality drop probabilities q [M] (float32, detached) from the scores s [M].
+
+    rho_m = s_m / sum_{j != m} s_j (for M = 2, the ratio to the other modality: SPEC §2.2; for
+    M > 2 a modality dominates only if it beats the others together, the intended maths of
+    SPEC §2.5 without BalanceBenchmark's aliasing bug). Only a strictly dominant modality
+    (rho_m > 1; an exact tie drops nothing) gets q_m = clip(q_base * (1 + lam * tanh(rho_m - 1)),
+    0, 1); every other modality gets 0. Pure device math.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
+    if scores.dim() != 1 or scores.numel() < 2:
+        raise ValueError(f"scores must be a vector of M >= 2 modality scores, got shape "
+                         f"{tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    q_base = check_probability(q_base, "q_base")
+    lam = _check_number(lam, "lam")
+    s = scores.detach().to(torch.float32)
+    n = s.numel()
+    others = (s.expand(n, n) * ~torch.eye(n, dtype=torch.bool, device=s.device)).sum(dim=1)
+    rho = s / others
+    q = (q_base * (1.0 + lam * torch.tanh(torch.relu(rho - 1.0)))).clamp(0.0, 1.0)
+    return torch.where(rho > 1.0, q, torch.zeros_like(q))
+
+
+Tensors = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+
+
+class OPM(nn.Module):
+    """Drop-in OPM for a training loop: modulate the pooled features before the fusion head.
+
+        opm = fastbml.OPM(["audio", "visual"], q_base=0.5, lam=0.5, p_exe=0.7)
+        feats, w = opm({"audio": f_a, "visual": f_v}, {"audio": u_a, "visual": u_v}, y, epoch)
+        logits = head(torch.cat([feats["audio"], feats["visual"]], dim=1))
+        loss = (F.cross_entropy(logits, y, reduction="none") * w).sum()
+        loss.backward()
+        ogm.step(...)            # optional: OGM composes, after backward, as in the T-PAMI code
+        optimizer.step()
+
+    Each training call scores the modalities on the batch with the uni-modal logits (SPEC §0.4;
+    derive them from the head with fastbml.concat_unimodal_logits / sum_unimodal_logits), turns
+    the scores into drop probabilities (`opm_drop_probs`) and applies `opm_drop` with probability
+    `p_exe`. Features and logits are mappings keyed by modality name or sequences in the order of
+    `modalities`; the features come back in the same form. The weights `w` [B] (float32) always
+    make `(per_sample_loss * w).sum()` the right loss: the mean over the kept rows while OPM acts,
+    the plain batch mean (w = 1/B) otherwise.
+
+    OPM acts for start <= epoch <= end (inclusive; `end=None` is open), epoch >= warmup_epochs
+    (the T-PAMI code hard-codes 6 warm-up epochs: pass warmup_epochs=6 to reproduce it) and only
+    in training mode: `opm.eval()` (or `model.eval()` when the OPM is a submodule of the model)
+    makes it the identity (no drop and no rescale, as the reference evaluates). Training call t
+    draws from rng.step_seed(seed, t), so DDP ranks share the coin and a resumed run (state_dict)
+    continues the same stream. `last_scores`, `last_q`, `last_theta` and `last_executed` give the
+    latest training call's values as device tensors (no sync); q is zeros outside the window.
+    """
+
+    def __init__(self, modalities: Sequence[str], *, q_base: float = 0.5, lam: float = 0.5,
+                 p_exe: float = 0.7, start: int = 0, end: int | None = None,
+                 warmup_epochs: int = 0, seed: int | None = None, backend: str = "auto"):
+        super().__init__()
+        if isinstance(modalities, (str, bytes)) or not isinstance(modalities, Sequence):
+            raise TypeError("modalities must be a sequence of modality names")
+        names = list(modalities)
+        if len(names) < 2 or len(set(names)) != len(names) or not all(
+                isinstance(n, str) for n in names):
+            raise ValueError(f"modalities must hold at least two distinct names, got {names!r}")
+        self.q_base = check_probability(q_base, "q_base")
+        self.lam = _check_number(lam, "lam")
+        self.p_exe = check_probability(p_exe, "p_exe")
+        for name, value in (("start", start), ("warmup_epochs", warmup_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
+            raise ValueError(f"end must be None or an int >= start ({start}), got {end!r}")
+        self.modalities = names
+        self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
+        self.backend = backend
+        self.seed = rng.resolve_seed(seed)
+        self.steps = 0
+        self.last_scores: torch.Tensor | None = None
+        self.last_q: torch.Tensor | None = None
+        self._last_dims: list[int] = []
+        self._last_seed: int | None = None
+
+    def active(self, epoch: int) -> bool:
+        """Whether features are modulated in `epoch` (0-based) while training."""
+        return (self.training and epoch >= max(self.start, self.warmup_epochs)
+                and (self.end is None or epoch <= self.end))
+
+    def _ordered(self, values: Tensors, name: str) -> list[torch.Tensor]:
+        if isinstance(values, Mapping):
+            if set(values) != set(self.modalities):
+                raise ValueError(f"{name} keys {sorted(values)} do not match the modalities "
+                                 f"{sorted(self.modalities)}")
+            return [values[m] for m in self.modalities]
+        if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a mapping keyed by modality or a sequence of tensors")
+        if len(values) != len(self.modalities):
+            raise ValueError(f"got {name} for {len(values)} modalities, expected "
+                             f"{len(self.modalities)} ({', '.join(self.modalities)})")
+        return list(values)
+
+    def forward(self, features: Tensors, logits: Tensors, labels: torch.Tensor,
+                epoch: int) -> tuple[Tensors, torch.Tensor]:
+        """(modulated features, loss weights [B]); see the class docstring."""
+        ordered = self._ordered(features, "features")
+        if not isinstance(ordered[0], torch.Tensor) or ordered[0].dim() < 1:
+            raise TypeError("features must hold tensors [B, ...]")
+        batch, device = ordered[0].shape[0], ordered[0].device
+        if not self.training:
+            return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
+        scores = modality_scores(self._ordered(logits, "logits"), labels, backend=self.backend)
+        seed = rng.step_seed(self.seed, self.steps)
+        self.steps += 1
+        self.last_scores = scores
+        self._last_dims = [math.prod(f.shape[1:]) for f in ordered]
+        if not self.active(epoch):
+            self.last_q, self._last_seed = torch.zeros_like(scores), None
+            return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
+        q = opm_drop_probs(scores, self.q_base, self.lam)
+        out, weights = opm_drop(ordered, q, p_exe=self.p_exe, seed=seed, backend=self.backend)
+        self.last_q, self._last_seed = q, seed
+        if isinstance(features, Mapping):
+            return dict(zip(self.modalities, out)), weights
+        return out, weights
+
+    @property
+    def last_theta(self) -> torch.Tensor | None:
+        """theta = sum_m d_m q_m / sum_m d_m of the latest training call (device scalar)."""
+        if self.last_q is None:
+            return None
+        d = torch.tensor(self._last_dims, dtype=torch.float32, device=self.last_q.device)
+        return (self.last_q * d).sum() / max(sum(self._last_dims), 1)
+
+    @property
+    def last_executed(self) -> torch.Tensor | None:
+        """Whether the latest training call's coin ran the drop (device bool; False outside the
+        window)."""
+        if self.last_q is None:
+            return None
+        if self._last_seed is None:
+            return torch.zeros((), dtype=torch.bool, device=self.last_q.device)
+        u = rng.philox_uniform(self._last_seed, rng.STREAM_COIN, 1, device=self.last_q.device)
+        return (u >= 1.0 - self.p_exe)[0]
+
+    def get_extra_state(self) -> dict:
+        return {"seed": self.seed, "steps": self.steps}
+
+    def set_extra_state(self, state: Mapping) -> None:
+        self.seed = rng.check_seed(state["seed"])
+        self.steps = int(state["steps"])
+
+    def extra_repr(self) -> str:
+        return (f"modalities={self.modalities}, q_base={self.q_base}, lam={self.lam}, "
+                f"p_exe={self.p_exe}, start={self.start}, end={self.end}, "
+                f"warmup_epochs={self.warmup_epochs}")

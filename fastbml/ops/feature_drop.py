@@ -1,0 +1,196 @@
+"""`opm_drop`: OPM's batch coin, per-sample modality drop and 1/(1 - theta) rescale (SPEC §2.3, §2.6).
+
+One autograd Function covers all modalities. Its forward draws, from the Philox streams of `seed`
+(DESIGN §4), one uniform of STREAM_COIN (the drop runs iff it is >= 1 - p_exe) and one uniform of
+STREAM_MASK per sample and modality (element m * B + i; row i of modality m is kept iff it is
+>= q_m, i.e. with probability 1 - q_m), and multiplies every feature of row i of modality m by
+
+    factor[m, i] = keep[m, i] / (1 - theta)   if the coin says "drop",   else 1,
+    theta = sum_m d_m q_m / sum_m d_m          (d_m: the feature size of modality m).
+
+Backward multiplies the output gradients by the same factors, regenerated from the seed (nothing
+but the seed, q and p_exe is kept between the two). q and theta are constants of the op: no
+gradient flows into them (the reference's leak, SPEC P17/P27, is not reproduced).
+
+Instead of compacting away the rows whose every modality was dropped (a data-dependent shape and a
+host sync in the reference), the op returns per-sample loss weights
+w_i = kappa_i / sum_j kappa_j, kappa_i = any_m keep[m, i] (1 for every row when the coin says no),
+so that `(loss_per_sample * w).sum()` equals the reference's mean loss over the kept rows, with
+the same gradients whenever nothing after the drop mixes samples (true for a concat/sum head).
+If every row is dropped, all weights are 0: the loss and every gradient are 0, which is what the
+reference's skipped step amounts to for plain SGD (an optimiser with momentum or weight decay
+still takes its step; skip `optimizer.step()` when `w.sum() == 0` if that matters and a host sync
+is acceptable). theta = 1 (every q_m = 1) drops every feature; the factor is then 0, not 0 * inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import rng
+from ..backend import cpp_module, resolve_backend
+from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
+
+
+def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float, seed: int):
+    """(factor [M, B], kappa [B]) in float32 on q's device: the torch definition of the op."""
+    device = q.device
+    executed = rng.philox_uniform(seed, rng.STREAM_COIN, 1, device=device) >= threshold
+    keep = rng.philox_uniform(seed, rng.STREAM_MASK, len(dims) * batch,
+                              device=device).view(len(dims), batch) >= q[:, None]
+    d = torch.tensor(dims, dtype=torch.float32, device=device)
+    theta = (q * d).sum() / max(sum(dims), 1)
+    inv = torch.where(theta < 1.0, 1.0 / (1.0 - theta), 0.0)
+    factor = torch.where(executed, keep * inv, 1.0)
+    kappa = torch.where(executed, keep.any(dim=0), True).to(torch.float32)
+    return factor, kappa
+
+
+def _torch_impl(inputs, q, threshold, seed, want_weights):
+    batch = inputs[0].shape[0]
+    factor, kappa = _factors(q, [x.shape[1] for x in inputs], batch, threshold, seed)
+    outputs = [(x.to(torch.float32) * f[:, None]).to(x.dtype) for x, f in zip(inputs, factor)]
+    weights = kappa / kappa.sum().clamp(min=1.0) if want_weights else None
+    return outputs, weights
+
+
+def _cpp_impl(inputs, q, threshold, seed, want_weights):
+    batch = inputs[0].shape[0]
+    outputs = [torch.empty(x.shape, dtype=x.dtype) for x in inputs]
+    weights = torch.empty(batch, dtype=torch.float32) if want_weights else None
+    cpp_module().opm_drop_scale(
+        [x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs],
+        CPP_DTYPE_CODES[inputs[0].dtype], batch, [x.shape[1] for x in inputs],
+        [x.stride(0) for x in inputs], q.data_ptr(), threshold, seed,
+        weights.data_ptr() if want_weights else 0)
+    return outputs, weights
+
+
+def _triton_impl(inputs, q, threshold, seed, want_weights):
+    from ..kernels.feature_drop import opm_drop_scale
+
+    device = inputs[0].device
+    outputs = [torch.empty(x.shape, dtype=x.dtype, device=device) for x in inputs]
+    weights = (torch.empty(inputs[0].shape[0], dtype=torch.float32, device=device)
+               if want_weights else None)
+    opm_drop_scale(inputs, outputs, q, threshold=threshold, seed=seed, weights=weights)
+    return outputs, weights
+
+
+_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, ...] as [B, d] with unit column stride (a view when the layout allows it)."""
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
+class _OPMDrop(torch.autograd.Function):
+    """Forward and backward are the same fused pass: multiply by the regenerated factors."""
+
+    @staticmethod
+    def forward(ctx, q, threshold, seed, impl, *features):
+        shapes = [f.shape for f in features]
+        outputs, weights = _IMPLS[impl]([_as_rows(f) for f in features], q, threshold, seed, True)
+        ctx.save_for_backward(q)
+        ctx.threshold, ctx.seed, ctx.impl = threshold, seed, impl
+        ctx.mark_non_differentiable(weights)
+        return (*(y.view(s) for y, s in zip(outputs, shapes)), weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (q,) = ctx.saved_tensors
+        grad_features = grads[:-1]
+        rows = [_as_rows(g) for g in grad_features]
+        grad_inputs, _ = _IMPLS[ctx.impl](rows, q, ctx.threshold, ctx.seed, False)
+        shaped = [g.view(f.shape) for g, f in zip(grad_inputs, grad_features)]
+        return (None, None, None, None, *shaped)
+
+
+def _check_features(features) -> list[torch.Tensor]:
+    if isinstance(features, torch.Tensor) or not isinstance(features, Sequence) or not features:
+        raise TypeError("features must be a non-empty sequence of tensors [B, ...], one per "
+                        "modality")
+    features = list(features)
+    first = features[0]
+    for m, f in enumerate(features):
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"features[{m}] must be a tensor, got {type(f).__name__}")
+        if f.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"features[{m}] must be float32, bfloat16 or float16, got {f.dtype}")
+        if f.dim() < 1:
+            raise ValueError(f"features[{m}] must be [B, ...] with a batch dimension, got a scalar")
+        if f.shape[0] != first.shape[0]:
+            raise ValueError(f"features[{m}] has batch size {f.shape[0]} but features[0] has "
+                             f"{first.shape[0]}")
+        if f.device != first.device or f.dtype != first.dtype:
+            raise ValueError(f"features[{m}] is {f.dtype} on {f.device} but features[0] is "
+                             f"{first.dtype} on {first.device}: all modalities must share both")
+    return features
+
+
+def _check_q(q, n_mod: int, device: torch.device) -> torch.Tensor:
+    """q as a detached float32 [M] tensor on `device`; its range is checked without a host sync."""
+    if isinstance(q, torch.Tensor):
+        if not q.dtype.is_floating_point:
+            raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+        if q.shape != (n_mod,):
+            raise ValueError(f"q must have shape [{n_mod}] (one drop probability per modality), "
+                             f"got {tuple(q.shape)}")
+        if q.device != device:
+            raise ValueError(f"q is on {q.device} but features on {device}")
+        q = q.detach().to(torch.float32).contiguous()
+        in_range = ((q >= 0) & (q <= 1)).all()
+        if device.type == "cpu":
+            if not in_range:
+                raise ValueError("q must lie in [0, 1], got values outside it")
+        elif device.type == "cuda":  # checked on device: no host sync
+            torch._assert_async(in_range, "fastbml: q must lie in [0, 1]")
+        return q
+    if isinstance(q, (str, bytes)) or not isinstance(q, Sequence):
+        raise TypeError(f"q must be a tensor or a sequence of floats, got {type(q).__name__}")
+    if len(q) != n_mod:
+        raise ValueError(f"q must have {n_mod} entries (one per modality), got {len(q)}")
+    for m, value in enumerate(q):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"q[{m}] must be a number, got {type(value).__name__}")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"q[{m}] must lie in [0, 1], got {value}")
+    return torch.tensor(q, dtype=torch.float32, device=device)
+
+
+def check_probability(value: object, name: str) -> float:
+    """A Python number in [0, 1], else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float], *,
+             p_exe: float = 1.0, seed: int | None = None,
+             backend: str = "auto") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """OPM's modality drop: (modulated features, per-sample loss weights [B] float32).
+
+    `features` holds one tensor [B, ...] per modality (same batch, dtype and device; d_m is the
+    product of the trailing sizes), `q` the per-modality drop probabilities [M] in [0, 1] (a
+    device tensor, typically from `opm_drop_probs`; detached here), `p_exe` the probability that
+    the drop runs at all this call. See the module docstring for the exact maths. Autograd-aware:
+    gradients see the same mask and scale. Use the weights as
+    `loss = (F.cross_entropy(logits, y, reduction="none") * weights).sum()`, which equals the
+    plain mean loss when nothing is dropped. The same `seed` gives the same result on every
+    backend (masks bit-identical); None draws one from torch's generator. No host sync.
+    """
+    features = _check_features(features)
+    device = features[0].device
+    q = _check_q(q, len(features), device)
+    threshold = 1.0 - check_probability(p_exe, "p_exe")
+    seed = rng.resolve_seed(seed)
+    impl = resolve_backend(backend, device)
+    *outputs, weights = _OPMDrop.apply(q, threshold, seed, impl, *features)
+    return outputs, weights
