@@ -83,6 +83,10 @@ def run(device: torch.device, only: str | None, repeats: int) -> dict:
     }
 
 
+def _speedup(times: dict[str, float], reference: str, seconds: float) -> str:
+    return f"{times[reference] / seconds:.1f}" if reference in times else "—"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Benchmarks on {result['device']}", "",
              f"torch {result['torch']}, {result['threads']} threads, {result['date']}."
@@ -93,15 +97,15 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         groups.setdefault((row["op"], row["shape"]), []).append(row)
     for (op, shape), rows in groups.items():
-        base = {r["impl"]: r["median_s"] for r in rows}
+        times = {r["impl"]: r["median_s"] for r in rows}
         lines += [f"## {op} — {shape}", "",
                   "| implementation | median ms | × vs original | × vs torch | % of bandwidth floor |",
                   "|---|---:|---:|---:|---:|"]
         for r in rows:
-            ratio = lambda ref, m=r["median_s"]: f"{base[ref] / m:.1f}" if ref in base else "—"  # noqa: E731
             floor = f"{100 * r['floor_fraction']:.0f}%" if "floor_fraction" in r else "—"
-            lines.append(f"| {r['impl']} | {r['median_s'] * 1e3:.3f} | {ratio(harness.ORIGINAL)} "
-                         f"| {ratio(harness.PLAIN_TORCH)} | {floor} |")
+            lines.append(f"| {r['impl']} | {r['median_s'] * 1e3:.3f} "
+                         f"| {_speedup(times, harness.ORIGINAL, r['median_s'])} "
+                         f"| {_speedup(times, harness.PLAIN_TORCH, r['median_s'])} | {floor} |")
         lines.append("")
     return "\n".join(lines)
 
