@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import rng
+from . import distributed, rng
 from .ops._multi_tensor import FLOAT_DTYPES
 from .ops.scale_noise import multi_tensor_scale_noise_
 from .ops.scores import modality_scores
@@ -129,8 +129,12 @@ class OGM:
     or only 4-D conv kernels with `conv_only=True`, the original repository's rule) or to an
     explicit list of parameters (taken as given). Modulation runs for start <= epoch <= end
     (inclusive; `end=None` is open) and epoch >= warmup_epochs. `noise=False` gives plain OGM.
-    Step t draws its noise from rng.step_seed(seed, t), so DDP ranks agree and a resumed run
-    (state_dict) continues the same stream. With gradient accumulation, call `step` once per
+    Step t draws its noise from rng.step_seed(seed, t), so a resumed run (state_dict) continues
+    the same stream. Under DDP (`process_group="auto"` with torch.distributed initialised, or an
+    explicit group) the scores are summed over the ranks every step, so all ranks use the
+    coefficients of the global batch, and every rank adds identical noise to its (already
+    all-reduced) gradients; rank 0's seed is shared when none is given, and the first step
+    checks that all ranks agree on modalities, parameter shapes and seed. With gradient accumulation, call `step` once per
     optimizer step, after the last backward; the scores are then the last micro-batch's.
     `last_scores` and `last_coeffs` (device tensors, no sync) hold the latest step's values;
     the coefficients are the ones applied (ones outside the window).
@@ -139,7 +143,7 @@ class OGM:
     def __init__(self, groups: Mapping[str, GroupSpec], alpha: float, *, form: str = "paper",
                  noise: bool = True, start: int = 0, end: int | None = None,
                  warmup_epochs: int = 0, seed: int | None = None, conv_only: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group: object = distributed.GROUP_AUTO):
         if not isinstance(groups, Mapping) or len(groups) < 2:
             raise ValueError("groups must map at least two modality names to modules or "
                              "parameter lists")
@@ -154,7 +158,10 @@ class OGM:
         self.alpha, self.form, self.noise = float(alpha), form, noise
         self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
         self.backend = backend
-        self.seed = rng.resolve_seed(seed)
+        self.group = distributed.resolve_group(process_group)
+        self.seed = (rng.check_seed(seed) if seed is not None
+                     else distributed.shared_seed(rng.fresh_seed(), self.group))
+        self._checked = self.group is None
         self.steps = 0
         self.last_scores: torch.Tensor | None = None
         self.last_coeffs: torch.Tensor | None = None
@@ -189,7 +196,11 @@ class OGM:
     def step(self, logits: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
              labels: torch.Tensor, epoch: int) -> torch.Tensor:
         """Score the modalities on this batch and modulate the gradients; returns k [M]."""
+        if not self._checked:
+            distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OGM")
+            self._checked = True
         scores = modality_scores(self._ordered(logits), labels, backend=self.backend)
+        distributed.all_reduce_sum_(scores, self.group)
         if self.active(epoch):
             coeffs = ogm_coefficients(scores, self.alpha, self.form)
             ogm_modulate_(self.params, coeffs, noise=self.noise,
@@ -199,6 +210,11 @@ class OGM:
         self.steps += 1
         self.last_scores, self.last_coeffs = scores, coeffs
         return coeffs
+
+    def _config(self) -> dict:
+        return {"modalities": self.modalities, "seed": self.seed, "steps": self.steps,
+                "alpha": self.alpha, "form": self.form, "noise": self.noise,
+                "shapes": [[list(p.shape) for p in group] for group in self.params]}
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "steps": self.steps}
