@@ -86,20 +86,25 @@ void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uin
   const float inv = theta < 1.0f ? 1.0f / (1.0f - theta) : 0.0f;
   const bool executed = uniform_at(seed, kStreamCoin, 0) >= threshold;
 
-  // factor[m * batch + i]: what row i of modality m is multiplied by.
-  std::vector<float> factor(static_cast<size_t>(n_mod * batch), 1.0f);
+  // keep[m * batch + i]: whether row i of modality m survives (all rows when the coin says no);
+  // factor: what that row is multiplied by.
+  const int64_t n_rows = n_mod * batch;
+  std::vector<uint8_t> keep(static_cast<size_t>(n_rows), 1);
+  std::vector<float> factor(static_cast<size_t>(n_rows), 1.0f);
   if (executed) {
-#pragma omp parallel for schedule(static) if (n_mod * batch >= kParallelDraws)
-    for (int64_t k = 0; k < n_mod * batch; ++k)
-      factor[k] = uniform_at(seed, kStreamMask, k) >= q[k / batch] ? inv : 0.0f;
+#pragma omp parallel for schedule(static) if (n_rows >= kParallelDraws)
+    for (int64_t k = 0; k < n_rows; ++k) {
+      keep[k] = uniform_at(seed, kStreamMask, k) >= q[k / batch];
+      factor[k] = keep[k] ? inv : 0.0f;
+    }
   }
 
   if (weights_ptr != 0) {
     float* weights = reinterpret_cast<float*>(weights_ptr);
     float kept = 0.0f;  // an exact count (< 2^24 rows)
     for (int64_t i = 0; i < batch; ++i) {
-      bool any = !executed;
-      for (int64_t m = 0; m < n_mod && !any; ++m) any = uniform_at(seed, kStreamMask, m * batch + i) >= q[m];
+      uint8_t any = 0;
+      for (int64_t m = 0; m < n_mod; ++m) any |= keep[m * batch + i];
       weights[i] = any ? 1.0f : 0.0f;
       kept += weights[i];
     }
