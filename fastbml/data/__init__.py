@@ -1,0 +1,60 @@
+"""Datasets: each returns train / val / test splits of (inputs dict, label) items."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .base import DataError, DatasetInfo, Splits, TensorDataset, carve_split
+from .synthetic import SyntheticConfig, make_synthetic
+
+# name -> loader(root, seed, options) -> Splits; real datasets read files under root.
+_LOADERS: dict[str, Callable[..., Splits]] = {}
+
+
+def _synthetic(root: Path | None, seed: int, options: dict) -> Splits:
+    return make_synthetic(seed, SyntheticConfig(**options))
+
+
+def _synthetic_av(root: Path | None, seed: int, options: dict) -> Splits:
+    return make_synthetic(seed, SyntheticConfig(**{"layout": "av", **options}))
+
+
+_LOADERS["synthetic"] = _synthetic
+_LOADERS["synthetic-av"] = _synthetic_av
+
+
+def dataset_names() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def register_dataset(name: str, loader: Callable[..., Splits]) -> None:
+    """Make `loader(root, seed, options) -> Splits` available as `--dataset name`."""
+    _LOADERS[name] = loader
+
+
+def load_dataset(name: str, root: str | Path | None = None, *, seed: int = 0,
+                 options: dict | None = None) -> Splits:
+    """The splits of dataset `name`; `root` is its directory (unused by the synthetic ones)."""
+    if name not in _LOADERS:
+        raise ValueError(f"dataset must be one of {dataset_names()}, got {name!r}")
+    root_path = None if root is None else Path(root)
+    if root_path is None and not name.startswith("synthetic"):
+        raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
+    if root_path is not None and not name.startswith("synthetic") and not root_path.is_dir():
+        raise DataError(f"data root of {name!r} is not a directory: {root_path}")
+    return _LOADERS[name](root_path, seed, dict(options or {}))
+
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "Splits",
+    "SyntheticConfig",
+    "TensorDataset",
+    "carve_split",
+    "dataset_names",
+    "load_dataset",
+    "make_synthetic",
+    "register_dataset",
+]

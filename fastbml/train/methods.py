@@ -1,0 +1,125 @@
+"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | a+b`).
+
+`MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
+and the fusion head, OGM / OGM-GE after backward (after unscaling with AMP), D&R after each
+epoch's evaluation. It also gathers what each method did for the logs, on device, and syncs once
+per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+import fastbml
+
+from ..models import MultimodalClassifier
+from .config import TrainConfig
+
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr")
+
+FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def parse_method(method: str) -> tuple[str, ...]:
+    """The components of a method string such as "opm+ogm-ge" (sorted, "joint" alone)."""
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"method must be a string such as 'ogm-ge' or 'opm+ogm-ge', got {method!r}")
+    parts = tuple(sorted(set(method.lower().split("+"))))
+    bad = [p for p in parts if p not in METHODS]
+    if bad:
+        raise ValueError(f"method has unknown parts {bad}; choose from {METHODS}, joined by '+'")
+    if "joint" in parts and len(parts) > 1:
+        raise ValueError("method 'joint' (plain training) cannot be combined with others")
+    if {"ogm", "ogm-ge"} <= set(parts):
+        raise ValueError("method: choose one of 'ogm' and 'ogm-ge'")
+    return parts
+
+
+class MethodStack:
+    """The helpers of one run's method, built for `model` from `cfg`."""
+
+    def __init__(self, cfg: TrainConfig, model: MultimodalClassifier, num_classes: int,
+                 device: torch.device):
+        self.parts = parse_method(cfg.method)
+        modalities = list(model.modalities)
+        if self.parts != ("joint",) and len(modalities) < 2:
+            raise ValueError(f"method {cfg.method!r} needs at least two modalities")
+        seed = cfg.seed
+        self.ogm = self.opm = self.dr = None
+        if "ogm" in self.parts or "ogm-ge" in self.parts:
+            self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
+                                   form=cfg.ogm_form, noise="ogm-ge" in self.parts,
+                                   start=cfg.ogm_start, end=cfg.ogm_end,
+                                   warmup_epochs=cfg.warmup_epochs, seed=seed,
+                                   conv_only=cfg.conv_only, backend=cfg.backend)
+        if "opm" in self.parts:
+            self.opm = fastbml.OPM(modalities, q_base=cfg.q_base, lam=cfg.opm_lambda,
+                                   p_exe=cfg.p_exe, start=cfg.opm_start, end=cfg.opm_end,
+                                   warmup_epochs=cfg.warmup_epochs, seed=seed + 1,
+                                   backend=cfg.backend).to(device)
+        if "dr" in self.parts:
+            if not hasattr(fastbml, "DiagnoseRelearn"):
+                raise ValueError("method 'dr' is not available yet: fastbml.DiagnoseRelearn has "
+                                 "not landed in this version")
+            self.dr = fastbml.DiagnoseRelearn(
+                {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
+                times=cfg.dr_times, lam=cfg.dr_lambda,
+                n_clusters=cfg.dr_clusters or num_classes)
+        self.modalities = modalities
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def train(self, mode: bool = True) -> None:
+        if self.opm is not None:
+            self.opm.train(mode)
+
+    def features(self, features: dict[str, torch.Tensor], unimodal: dict[str, torch.Tensor],
+                 labels: torch.Tensor, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Features for the fusion head and per-sample loss weights (None: the plain batch mean)."""
+        if self.opm is None:
+            return features, None
+        return self.opm(features, unimodal, labels, epoch)
+
+    def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                       epoch: int) -> None:
+        """Modulate the encoders' gradients (OGM / OGM-GE) and accumulate the step's logs."""
+        if self.ogm is not None:
+            self.ogm.step(unimodal, labels, epoch)
+            self._add("coeff", self.ogm.last_coeffs)
+        if self.opm is not None and self.opm.last_q is not None:
+            self._add("drop_prob", self.opm.last_q)
+        self._steps += 1
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+
+    def epoch_logs(self) -> dict[str, float]:
+        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>); resets the sums."""
+        out = {}
+        for key, total in self._sums.items():
+            for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
+                out[f"{key}_{m}"] = v
+        self._sums, self._steps = {}, 0
+        return out
+
+    def after_epoch(self, epoch: int, train_features: FeatureFn,
+                    val_features: FeatureFn) -> dict[str, float]:
+        """D&R's diagnosis and soft re-initialisation when due; returns what it measured."""
+        if self.dr is None:
+            return {}
+        return dict(self.dr.step(epoch, train_features, val_features) or {})
+
+    def state_dict(self) -> dict:
+        return {name: helper.state_dict() for name, helper in
+                (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr)) if helper is not None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for name, helper in (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr)):
+            if helper is None:
+                continue
+            if name not in state:
+                raise ValueError(f"checkpoint has no state for method part {name!r}")
+            helper.load_state_dict(state[name])
