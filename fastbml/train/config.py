@@ -18,6 +18,7 @@ class TrainConfig:
     dataset: str = "synthetic"
     data_root: str | None = None
     dataset_options: dict = field(default_factory=dict)
+    modalities: list[str] | None = None  # train on these modalities only (None: all)
     method: str = "joint"
     fusion: str = "concat"
     init: str = "ogm"

@@ -58,8 +58,9 @@ def _build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
-def _to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+def _to_device(inputs: dict[str, torch.Tensor], modalities: list[str],
+               device: torch.device) -> dict[str, torch.Tensor]:
+    return {m: inputs[m].to(device, non_blocking=True) for m in modalities}
 
 
 class Trainer:
@@ -78,8 +79,13 @@ class Trainer:
         self.splits = splits or load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed,
                                              options=cfg.dataset_options)
         info = self.splits.info
-        self.modalities = list(info.modalities)
-        self.model = build_model(info.inputs, info.num_classes, fusion=cfg.fusion,
+        self.modalities = list(info.modalities if cfg.modalities is None else cfg.modalities)
+        unknown = sorted(set(self.modalities) - set(info.modalities))
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {list(info.modalities)}, "
+                             f"got {cfg.modalities!r}")
+        inputs = {m: info.inputs[m] for m in self.modalities}
+        self.model = build_model(inputs, info.num_classes, fusion=cfg.fusion,
                                  init=cfg.init, hidden=cfg.hidden,
                                  feature_dim=cfg.feature_dim).to(self.device)
         self.methods = MethodStack(cfg, self.model, info.num_classes, self.device)
@@ -122,7 +128,7 @@ class Trainer:
 
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for inputs, labels in batches:
-            inputs = _to_device(inputs, self.device)
+            inputs = _to_device(inputs, self.modalities, self.device)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
@@ -162,7 +168,7 @@ class Trainer:
         for inputs, y in self._loader(dataset, shuffle=False):
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out = self.model(_to_device(inputs, self.device))
+                out = self.model(_to_device(inputs, self.modalities, self.device))
             logits.append(out.logits.float())
             labels.append(y.to(self.device))
             for m in self.modalities:
@@ -253,7 +259,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state["config"]
-        for key in ("dataset", "method", "fusion", "seed"):
+        for key in ("dataset", "method", "fusion", "seed", "modalities"):
             if saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"--resume: checkpoint {path} was written with {key}="
                                  f"{saved[key]!r}, this run has {getattr(self.cfg, key)!r}")

@@ -93,7 +93,7 @@ def plot_comparison(results: dict, modalities: list[str], path: Path,
     methods = list(results)
     keys = ["fused", *modalities]
     width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(methods), 3.8))
+    fig, ax = plt.subplots(figsize=(3.6 + 1.6 * len(methods), 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, key in enumerate(keys):
         values = [results[m]["acc"] if key == "fused" else results[m]["acc_per_modality"][key]
@@ -106,7 +106,7 @@ def plot_comparison(results: dict, modalities: list[str], path: Path,
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
