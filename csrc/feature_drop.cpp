@@ -71,7 +71,7 @@ struct Work {
 void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uintptr_t>& out_ptrs,
                     int dtype_code, int64_t batch, const std::vector<int64_t>& dims,
                     const std::vector<int64_t>& row_strides, uintptr_t q_ptr, float threshold,
-                    uint64_t seed, uintptr_t weights_ptr) {
+                    uint64_t seed, uint64_t mask_seed, uintptr_t weights_ptr) {
   const DType dtype = dtype_from_code(dtype_code);
   const int64_t n_mod = static_cast<int64_t>(dims.size());
   const float* q = reinterpret_cast<const float*>(q_ptr);
@@ -94,7 +94,7 @@ void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uin
   if (executed) {
 #pragma omp parallel for schedule(static) if (n_rows >= kParallelDraws)
     for (int64_t k = 0; k < n_rows; ++k) {
-      keep[k] = uniform_at(seed, kStreamMask, k) >= q[k / batch];
+      keep[k] = uniform_at(mask_seed, kStreamMask, k) >= q[k / batch];
       factor[k] = keep[k] ? inv : 0.0f;
     }
   }

@@ -11,7 +11,7 @@ namespace fastbml {
 // contiguous [batch, dims[m]] buffer out_ptrs[m] (which may alias the input when it is
 // contiguous). q_ptr points at M float32 drop probabilities.
 //   coin      = uniform(seed, stream 1, element 0) >= threshold            (threshold = 1 - p_exe)
-//   keep[m,i] = uniform(seed, stream 2, element m * batch + i) >= q[m]
+//   keep[m,i] = uniform(mask_seed, stream 2, element m * batch + i) >= q[m]
 //   theta     = sum_m dims[m] q[m] / sum_m dims[m];  inv = theta < 1 ? 1 / (1 - theta) : 0
 //   out[m,i,:] = x[m,i,:] * (coin ? keep[m,i] * inv : 1)
 // When weights_ptr is not 0 it receives the float32 per-sample loss weights [batch]:
@@ -19,6 +19,6 @@ namespace fastbml {
 void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uintptr_t>& out_ptrs,
                     int dtype, int64_t batch, const std::vector<int64_t>& dims,
                     const std::vector<int64_t>& row_strides, uintptr_t q_ptr, float threshold,
-                    uint64_t seed, uintptr_t weights_ptr);
+                    uint64_t seed, uint64_t mask_seed, uintptr_t weights_ptr);
 
 }  // namespace fastbml

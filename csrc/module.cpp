@@ -22,5 +22,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("opm_drop_scale", &fastbml::opm_drop_scale, py::call_guard<py::gil_scoped_release>(),
         py::arg("in_ptrs"), py::arg("out_ptrs"), py::arg("dtype"), py::arg("batch"),
         py::arg("dims"), py::arg("row_strides"), py::arg("q_ptr"), py::arg("threshold"),
-        py::arg("seed"), py::arg("weights_ptr"));
+        py::arg("seed"), py::arg("mask_seed"), py::arg("weights_ptr"));
 }

@@ -11,9 +11,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from . import rng
+from . import distributed, rng
 from .ops.feature_drop import check_probability, opm_drop
 from .ops.scores import modality_scores
 
@@ -76,14 +77,21 @@ class OPM(nn.Module):
     (the T-PAMI code hard-codes 6 warm-up epochs: pass warmup_epochs=6 to reproduce it) and only
     in training mode: `opm.eval()` (or `model.eval()` when the OPM is a submodule of the model)
     makes it the identity (no drop and no rescale, as the reference evaluates). Training call t
-    draws from rng.step_seed(seed, t), so DDP ranks share the coin and a resumed run (state_dict)
-    continues the same stream. `last_scores`, `last_q`, `last_theta` and `last_executed` give the
+    draws from rng.step_seed(seed, t), so a resumed run (state_dict) continues the same stream.
+    Under DDP (`process_group="auto"` with torch.distributed initialised, or an explicit group)
+    the scores are summed over the ranks every training call, so every rank uses the q and theta
+    of the global batch; all ranks share the coin (rank 0's seed is shared when none is given, and
+    the first call checks that the ranks agree on the configuration and seed), while each rank
+    draws its own per-sample masks (mask seed: rng.step_seed(step seed, rank)). Each rank's
+    weights normalise over its own kept rows; with M = 2 no row is ever removed, so DDP's gradient
+    average equals the reference's global mean. `last_scores`, `last_q`, `last_theta` and `last_executed` give the
     latest training call's values as device tensors (no sync); q is zeros outside the window.
     """
 
     def __init__(self, modalities: Sequence[str], *, q_base: float = 0.5, lam: float = 0.5,
                  p_exe: float = 0.7, start: int = 0, end: int | None = None,
-                 warmup_epochs: int = 0, seed: int | None = None, backend: str = "auto"):
+                 warmup_epochs: int = 0, seed: int | None = None, backend: str = "auto",
+                 process_group: object = distributed.GROUP_AUTO):
         super().__init__()
         if isinstance(modalities, (str, bytes)) or not isinstance(modalities, Sequence):
             raise TypeError("modalities must be a sequence of modality names")
@@ -102,7 +110,10 @@ class OPM(nn.Module):
         self.modalities = names
         self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
         self.backend = backend
-        self.seed = rng.resolve_seed(seed)
+        self.group = distributed.resolve_group(process_group)
+        self.seed = (rng.check_seed(seed) if seed is not None
+                     else distributed.shared_seed(rng.fresh_seed(), self.group))
+        self._checked = self.group is None
         self.steps = 0
         self.last_scores: torch.Tensor | None = None
         self.last_q: torch.Tensor | None = None
@@ -136,8 +147,14 @@ class OPM(nn.Module):
         batch, device = ordered[0].shape[0], ordered[0].device
         if not self.training:
             return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
+        if not self._checked:
+            distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OPM")
+            self._checked = True
         scores = modality_scores(self._ordered(logits, "logits"), labels, backend=self.backend)
+        distributed.all_reduce_sum_(scores, self.group)
         seed = rng.step_seed(self.seed, self.steps)
+        mask_seed = (seed if self.group is None
+                     else rng.step_seed(seed, dist.get_rank(self.group)))
         self.steps += 1
         self.last_scores = scores
         self._last_dims = [math.prod(f.shape[1:]) for f in ordered]
@@ -145,7 +162,8 @@ class OPM(nn.Module):
             self.last_q, self._last_seed = torch.zeros_like(scores), None
             return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
         q = opm_drop_probs(scores, self.q_base, self.lam)
-        out, weights = opm_drop(ordered, q, p_exe=self.p_exe, seed=seed, backend=self.backend)
+        out, weights = opm_drop(ordered, q, p_exe=self.p_exe, seed=seed, mask_seed=mask_seed,
+                                backend=self.backend)
         self.last_q, self._last_seed = q, seed
         if isinstance(features, Mapping):
             return dict(zip(self.modalities, out)), weights
@@ -169,6 +187,11 @@ class OPM(nn.Module):
             return torch.zeros((), dtype=torch.bool, device=self.last_q.device)
         u = rng.philox_uniform(self._last_seed, rng.STREAM_COIN, 1, device=self.last_q.device)
         return (u >= 1.0 - self.p_exe)[0]
+
+    def _config(self) -> dict:
+        return {"modalities": self.modalities, "seed": self.seed, "steps": self.steps,
+                "q_base": self.q_base, "lam": self.lam, "p_exe": self.p_exe,
+                "window": [self.start, self.end, self.warmup_epochs]}
 
     def get_extra_state(self) -> dict:
         return {"seed": self.seed, "steps": self.steps}

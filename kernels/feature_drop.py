@@ -1,8 +1,8 @@
 """OPM drop + rescale over all modalities in one launch, plus the per-sample loss weights.
 
 Program p owns a [ROWS, COLS] tile of one modality (found from a table of each modality's first
-program); it draws the Philox uniforms of its ROWS rows (element m * B + i of the mask stream),
-the batch coin (element 0 of the coin stream) and theta from q, and writes
+program); it draws the Philox uniforms of its ROWS rows (element m * B + i of the mask stream of
+`mask_seed`), the batch coin (element 0 of the coin stream of `seed`) and theta from q, and writes
 x * (coin ? keep * 1/(1 - theta) : 1). The same launch serves forward (features) and backward
 (output gradients): the factors are regenerated from the seed, never stored.
 """
@@ -36,10 +36,10 @@ def _uniform_at(seed, stream, index):
 
 
 @triton.jit
-def _row_keep(seed, q, m, batch, rows):
+def _row_keep(mask_seed, q, m, batch, rows):
     """keep[m, rows]: the Bernoulli(1 - q[m]) mask of those rows (True = kept)."""
     flat = rows.to(tl.int64) + m * batch  # M * B < 2**31
-    return _uniform_at(seed, STREAM_MASK, flat) >= tl.load(q + m)
+    return _uniform_at(mask_seed, STREAM_MASK, flat) >= tl.load(q + m)
 
 
 @triton.jit
@@ -48,9 +48,9 @@ def _coin(seed, threshold, like):
     return _uniform_at(seed, STREAM_COIN, tl.zeros_like(like).to(tl.int64)) >= threshold
 
 
-@triton.jit(do_not_specialize=["seed", "batch", "n_mod"])
+@triton.jit(do_not_specialize=["seed", "mask_seed", "batch", "n_mod"])
 def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog, q, n_mod, batch,
-                       total_dim, threshold, seed, DTYPE: tl.constexpr, MP: tl.constexpr,
+                       total_dim, threshold, seed, mask_seed, DTYPE: tl.constexpr, MP: tl.constexpr,
                        ROWS: tl.constexpr, COLS: tl.constexpr):
     pid = tl.program_id(0)
     mods = tl.arange(0, MP)
@@ -66,7 +66,7 @@ def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog,
     dims_all = tl.load(dim_table + mods, mask=mods < n_mod, other=0).to(tl.float32)
     theta = tl.sum(q_all * dims_all) / total_dim
     inv = tl.where(theta < 1.0, 1.0 / tl.maximum(1.0 - theta, 1e-30), 0.0)
-    keep = _row_keep(seed, q, m, batch, rows)
+    keep = _row_keep(mask_seed, q, m, batch, rows)
     factor = tl.where(_coin(seed, threshold, rows), tl.where(keep, inv, 0.0), 1.0)
 
     src = tl.load(in_table + m).to(tl.pointer_type(DTYPE))
@@ -77,8 +77,8 @@ def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog,
     tl.store(dst + rows64 * dim + cols[None, :], (x * factor[:, None]).to(DTYPE), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed", "batch", "n_mod"])
-def _weights_kernel(q, weights, n_mod, batch, threshold, seed, ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "mask_seed", "batch", "n_mod"])
+def _weights_kernel(q, weights, n_mod, batch, threshold, seed, mask_seed, ROWS: tl.constexpr):
     """One program: kappa_i = coin ? any_m keep[m, i] : 1, then weights = kappa / sum(kappa)."""
     offs = tl.arange(0, ROWS)
     executed = _coin(seed, threshold, offs)
@@ -87,7 +87,7 @@ def _weights_kernel(q, weights, n_mod, batch, threshold, seed, ROWS: tl.constexp
         rows = r0 + offs
         kept = executed == 0
         for m in range(0, n_mod):
-            kept = kept | _row_keep(seed, q, m, batch, rows)
+            kept = kept | _row_keep(mask_seed, q, m, batch, rows)
         kappa = tl.where(rows < batch, kept.to(tl.float32), 0.0)
         tl.store(weights + rows, kappa, mask=rows < batch)
         total += kappa
@@ -100,7 +100,7 @@ def _weights_kernel(q, weights, n_mod, batch, threshold, seed, ROWS: tl.constexp
 
 
 def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-                   q: torch.Tensor, *, threshold: float, seed: int,
+                   q: torch.Tensor, *, threshold: float, seed: int, mask_seed: int,
                    weights: torch.Tensor | None = None, block: int | None = None) -> None:
     """outputs[m] <- inputs[m] * factor[m, row] (see the module docstring); weights [B] if given.
 
@@ -123,10 +123,10 @@ def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tenso
                                [x.stride(0) for x in inputs], dims, first], device)
         _drop_scale_kernel[(sum(programs),)](
             table[0], table[1], table[2], table[3], table[4], q, n_mod, batch,
-            float(max(sum(dims), 1)), threshold, seed, DTYPE=_TL_DTYPES[inputs[0].dtype],
+            float(max(sum(dims), 1)), threshold, seed, mask_seed, DTYPE=_TL_DTYPES[inputs[0].dtype],
             MP=triton.next_power_of_2(n_mod), ROWS=rows, COLS=cols,
             num_warps=8 if block >= 4096 else 4)
     if weights is not None and batch:
         weight_rows = 1024 if device.type == "cpu" else 256
-        _weights_kernel[(1,)](q, weights, n_mod, batch, threshold, seed, ROWS=weight_rows,
+        _weights_kernel[(1,)](q, weights, n_mod, batch, threshold, seed, mask_seed, ROWS=weight_rows,
                               num_warps=4)

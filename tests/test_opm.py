@@ -24,11 +24,13 @@ def features_of(batch, trailing, dtype=torch.float32, noncontiguous=False, grad=
     return [f.requires_grad_() for f in feats] if grad else feats
 
 
-def definition(features, q, p_exe, seed):
+def definition(features, q, p_exe, seed, mask_seed=None):
     """The op written out from rng's Philox streams, in float64: (outputs, weights)."""
+    mask_seed = seed if mask_seed is None else mask_seed
     batch, n_mod = features[0].shape[0], len(features)
     coin = rng.philox_uniform(seed, rng.STREAM_COIN, 1, device=DEVICE)[0]
-    u = rng.philox_uniform(seed, rng.STREAM_MASK, n_mod * batch, device=DEVICE).view(n_mod, batch)
+    u = rng.philox_uniform(mask_seed, rng.STREAM_MASK, n_mod * batch,
+                           device=DEVICE).view(n_mod, batch)
     q = torch.as_tensor(q, dtype=torch.float32, device=DEVICE)
     keep = (u >= q[:, None]).double()
     dims = [math.prod(f.shape[1:]) for f in features]
@@ -56,6 +58,23 @@ def test_forward_matches_the_definition(backend, batch, trailing):
         assert out.shape == f.shape and out.dtype == f.dtype
         torch.testing.assert_close(out.double(), exp, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(weights.double(), expected_w, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_coin_follows_seed_and_masks_follow_mask_seed(backend):
+    feats = features_of(40, [(3,), (5,)])
+    q = torch.tensor([0.5, 0.4], device=DEVICE)
+    # coins: seed 2 -> 0.831 and 4 -> 0.998 drop, seed 3 -> 0.205 does not (p_exe = 0.5)
+    for seed, mask_seed in ((2, 7), (4, 7), (3, 7), (2, 2**62 + 9)):
+        outs, weights = fastbml.opm_drop(feats, q, p_exe=0.5, seed=seed, mask_seed=mask_seed,
+                                         backend=backend)
+        expected, expected_w = definition(feats, q, 0.5, seed, mask_seed)
+        for out, exp in zip(outs, expected):
+            torch.testing.assert_close(out.double(), exp, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(weights.double(), expected_w)
+    with_7, _ = fastbml.opm_drop(feats, q, p_exe=1.0, seed=2, mask_seed=7, backend=backend)
+    with_8, _ = fastbml.opm_drop(feats, q, p_exe=1.0, seed=2, mask_seed=8, backend=backend)
+    assert not torch.equal(with_7[0] == 0, with_8[0] == 0)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -105,7 +124,8 @@ def test_triton_result_does_not_depend_on_the_block_size(block):
     q = torch.tensor([0.5, 0.3], device=DEVICE)
     outs = [torch.empty_like(f) for f in feats]
     weights = torch.empty(50, device=DEVICE)
-    opm_drop_scale(feats, outs, q, threshold=0.0, seed=99, weights=weights, block=block)
+    opm_drop_scale(feats, outs, q, threshold=0.0, seed=99, mask_seed=99, weights=weights,
+                   block=block)
     expected, expected_w = definition(feats, q, 1.0, 99)
     for out, exp in zip(outs, expected):
         torch.testing.assert_close(out.double(), exp, rtol=1e-6, atol=1e-6)

@@ -1,9 +1,10 @@
 """`opm_drop`: OPM's batch coin, per-sample modality drop and 1/(1 - theta) rescale (SPEC §2.3, §2.6).
 
-One autograd Function covers all modalities. Its forward draws, from the Philox streams of `seed`
-(DESIGN §4), one uniform of STREAM_COIN (the drop runs iff it is >= 1 - p_exe) and one uniform of
-STREAM_MASK per sample and modality (element m * B + i; row i of modality m is kept iff it is
->= q_m, i.e. with probability 1 - q_m), and multiplies every feature of row i of modality m by
+One autograd Function covers all modalities. Its forward draws, from the Philox streams of DESIGN
+§4, one uniform of STREAM_COIN under `seed` (the drop runs iff it is >= 1 - p_exe) and one uniform
+of STREAM_MASK under `mask_seed` (default: `seed`) per sample and modality (element m * B + i;
+row i of modality m is kept iff it is >= q_m, i.e. with probability 1 - q_m), and multiplies
+every feature of row i of modality m by
 
     factor[m, i] = keep[m, i] / (1 - theta)   if the coin says "drop",   else 1,
     theta = sum_m d_m q_m / sum_m d_m          (d_m: the feature size of modality m).
@@ -35,11 +36,12 @@ from ..backend import cpp_module, resolve_backend
 from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
 
 
-def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float, seed: int):
+def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float, seed: int,
+             mask_seed: int):
     """(factor [M, B], kappa [B]) in float32 on q's device: the torch definition of the op."""
     device = q.device
     executed = rng.philox_uniform(seed, rng.STREAM_COIN, 1, device=device) >= threshold
-    keep = rng.philox_uniform(seed, rng.STREAM_MASK, len(dims) * batch,
+    keep = rng.philox_uniform(mask_seed, rng.STREAM_MASK, len(dims) * batch,
                               device=device).view(len(dims), batch) >= q[:, None]
     d = torch.tensor(dims, dtype=torch.float32, device=device)
     theta = (q * d).sum() / max(sum(dims), 1)
@@ -49,34 +51,35 @@ def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float,
     return factor, kappa
 
 
-def _torch_impl(inputs, q, threshold, seed, want_weights):
+def _torch_impl(inputs, q, threshold, seed, mask_seed, want_weights):
     batch = inputs[0].shape[0]
-    factor, kappa = _factors(q, [x.shape[1] for x in inputs], batch, threshold, seed)
+    factor, kappa = _factors(q, [x.shape[1] for x in inputs], batch, threshold, seed, mask_seed)
     outputs = [(x.to(torch.float32) * f[:, None]).to(x.dtype) for x, f in zip(inputs, factor)]
     weights = kappa / kappa.sum().clamp(min=1.0) if want_weights else None
     return outputs, weights
 
 
-def _cpp_impl(inputs, q, threshold, seed, want_weights):
+def _cpp_impl(inputs, q, threshold, seed, mask_seed, want_weights):
     batch = inputs[0].shape[0]
     outputs = [torch.empty(x.shape, dtype=x.dtype) for x in inputs]
     weights = torch.empty(batch, dtype=torch.float32) if want_weights else None
     cpp_module().opm_drop_scale(
         [x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs],
         CPP_DTYPE_CODES[inputs[0].dtype], batch, [x.shape[1] for x in inputs],
-        [x.stride(0) for x in inputs], q.data_ptr(), threshold, seed,
+        [x.stride(0) for x in inputs], q.data_ptr(), threshold, seed, mask_seed,
         weights.data_ptr() if want_weights else 0)
     return outputs, weights
 
 
-def _triton_impl(inputs, q, threshold, seed, want_weights):
+def _triton_impl(inputs, q, threshold, seed, mask_seed, want_weights):
     from ..kernels.feature_drop import opm_drop_scale
 
     device = inputs[0].device
     outputs = [torch.empty(x.shape, dtype=x.dtype, device=device) for x in inputs]
     weights = (torch.empty(inputs[0].shape[0], dtype=torch.float32, device=device)
                if want_weights else None)
-    opm_drop_scale(inputs, outputs, q, threshold=threshold, seed=seed, weights=weights)
+    opm_drop_scale(inputs, outputs, q, threshold=threshold, seed=seed, mask_seed=mask_seed,
+                   weights=weights)
     return outputs, weights
 
 
@@ -93,11 +96,12 @@ class _OPMDrop(torch.autograd.Function):
     """Forward and backward are the same fused pass: multiply by the regenerated factors."""
 
     @staticmethod
-    def forward(ctx, q, threshold, seed, impl, *features):
+    def forward(ctx, q, threshold, seed, mask_seed, impl, *features):
         shapes = [f.shape for f in features]
-        outputs, weights = _IMPLS[impl]([_as_rows(f) for f in features], q, threshold, seed, True)
+        outputs, weights = _IMPLS[impl]([_as_rows(f) for f in features], q, threshold, seed,
+                                        mask_seed, True)
         ctx.save_for_backward(q)
-        ctx.threshold, ctx.seed, ctx.impl = threshold, seed, impl
+        ctx.threshold, ctx.seed, ctx.mask_seed, ctx.impl = threshold, seed, mask_seed, impl
         ctx.mark_non_differentiable(weights)
         return (*(y.view(s) for y, s in zip(outputs, shapes)), weights)
 
@@ -106,9 +110,9 @@ class _OPMDrop(torch.autograd.Function):
         (q,) = ctx.saved_tensors
         grad_features = grads[:-1]
         rows = [_as_rows(g) for g in grad_features]
-        grad_inputs, _ = _IMPLS[ctx.impl](rows, q, ctx.threshold, ctx.seed, False)
+        grad_inputs, _ = _IMPLS[ctx.impl](rows, q, ctx.threshold, ctx.seed, ctx.mask_seed, False)
         shaped = [g.view(f.shape) for g, f in zip(grad_inputs, grad_features)]
-        return (None, None, None, None, *shaped)
+        return (None, None, None, None, None, *shaped)
 
 
 def _check_features(features) -> list[torch.Tensor]:
@@ -173,7 +177,7 @@ def check_probability(value: object, name: str) -> float:
 
 
 def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float], *,
-             p_exe: float = 1.0, seed: int | None = None,
+             p_exe: float = 1.0, seed: int | None = None, mask_seed: int | None = None,
              backend: str = "auto") -> tuple[list[torch.Tensor], torch.Tensor]:
     """OPM's modality drop: (modulated features, per-sample loss weights [B] float32).
 
@@ -184,13 +188,16 @@ def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float]
     gradients see the same mask and scale. Use the weights as
     `loss = (F.cross_entropy(logits, y, reduction="none") * weights).sum()`, which equals the
     plain mean loss when nothing is dropped. The same `seed` gives the same result on every
-    backend (masks bit-identical); None draws one from torch's generator. No host sync.
+    backend (masks bit-identical); None draws one from torch's generator. `mask_seed` (default:
+    `seed`) keys the masks alone: under DDP every rank passes the same `seed` (one coin for the
+    global batch) and its own `mask_seed` (independent masks per rank). No host sync.
     """
     features = _check_features(features)
     device = features[0].device
     q = _check_q(q, len(features), device)
     threshold = 1.0 - check_probability(p_exe, "p_exe")
     seed = rng.resolve_seed(seed)
+    mask_seed = seed if mask_seed is None else rng.check_seed(mask_seed, "mask_seed")
     impl = resolve_backend(backend, device)
-    *outputs, weights = _OPMDrop.apply(q, threshold, seed, impl, *features)
+    *outputs, weights = _OPMDrop.apply(q, threshold, seed, mask_seed, impl, *features)
     return outputs, weights
