@@ -18,8 +18,9 @@ import triton.language as tl
 from .philox import _uniform_open
 from .scale_noise import _TL_DTYPES, _device_table
 
-STREAM_COIN = 1  # fastbml.rng.STREAM_COIN
-STREAM_MASK = 2  # fastbml.rng.STREAM_MASK
+# fastbml.rng.STREAM_COIN / STREAM_MASK (globals a jit function reads must be constexpr)
+STREAM_COIN = tl.constexpr(1)
+STREAM_MASK = tl.constexpr(2)
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def _coin(seed, threshold, like):
 @triton.jit(do_not_specialize=["seed", "mask_seed", "batch", "n_mod"])
 def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog, q, n_mod, batch,
                        total_dim, threshold, seed, mask_seed, DTYPE: tl.constexpr, MP: tl.constexpr,
-                       ROWS: tl.constexpr, COLS: tl.constexpr):
+                       ROWS: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     mods = tl.arange(0, MP)
     starts = tl.load(first_prog + mods, mask=mods < n_mod, other=2**62)
@@ -71,9 +72,15 @@ def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog,
 
     src = tl.load(in_table + m).to(tl.pointer_type(DTYPE))
     dst = tl.load(out_table + m).to(tl.pointer_type(DTYPE))
+    stride = tl.load(stride_table + m)
+    if ALIGNED:  # every base address 16-byte aligned, every dim and row stride a multiple of 16
+        src = tl.multiple_of(src, 16)
+        dst = tl.multiple_of(dst, 16)
+        stride = tl.multiple_of(stride, 16)
+        dim = tl.multiple_of(dim, 16)
     ok = (rows < batch)[:, None] & (cols < dim)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(src + rows64 * tl.load(stride_table + m) + cols[None, :], mask=ok).to(tl.float32)
+    x = tl.load(src + rows64 * stride + cols[None, :], mask=ok).to(tl.float32)
     tl.store(dst + rows64 * dim + cols[None, :], (x * factor[:, None]).to(DTYPE), mask=ok)
 
 
@@ -112,19 +119,21 @@ def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tenso
     dims = [x.shape[1] for x in inputs]
     if block is None:
         block = 16384 if device.type == "cpu" else 4096
-    cols = min(triton.next_power_of_2(max(max(dims), 1)), block)
+    cols = min(triton.next_power_of_2(max(max(dims), 1)), block // 2)  # ROWS >= 2
     rows = max(1, block // cols)
     programs = [triton.cdiv(batch, rows) * triton.cdiv(d, cols) for d in dims]
     first = [sum(programs[:m]) for m in range(len(dims))]
     threshold = float(threshold)
     n_mod = len(dims)
+    aligned = all(t.data_ptr() % 16 == 0 for t in (*inputs, *outputs)) and all(
+        d % 16 == 0 and x.stride(0) % 16 == 0 for d, x in zip(dims, inputs))
     if sum(programs):
         table = _device_table([[x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs],
                                [x.stride(0) for x in inputs], dims, first], device)
         _drop_scale_kernel[(sum(programs),)](
             table[0], table[1], table[2], table[3], table[4], q, n_mod, batch,
             float(max(sum(dims), 1)), threshold, seed, mask_seed, DTYPE=_TL_DTYPES[inputs[0].dtype],
-            MP=triton.next_power_of_2(n_mod), ROWS=rows, COLS=cols,
+            MP=max(2, triton.next_power_of_2(n_mod)), ROWS=rows, COLS=cols, ALIGNED=aligned,
             num_warps=8 if block >= 4096 else 4)
     if weights is not None and batch:
         weight_rows = 1024 if device.type == "cpu" else 256
