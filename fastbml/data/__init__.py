@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import DataError, DatasetInfo, Splits, TensorDataset, carve_split
+from .base import DataError, DatasetInfo, FileDataset, Splits, TensorDataset, carve_split
+from .cremad import load_cremad
+from .kinetics import kinetics_loader
+from .mosi import mosi_loader
 from .synthetic import SyntheticConfig, make_synthetic
+from .ucf101 import load_ucf101
 
 # name -> loader(root, seed, options) -> Splits; real datasets read files under root.
 _LOADERS: dict[str, Callable[..., Splits]] = {}
@@ -20,8 +24,18 @@ def _synthetic_av(root: Path | None, seed: int, options: dict) -> Splits:
     return make_synthetic(seed, SyntheticConfig(**{"layout": "av", **options}))
 
 
-_LOADERS["synthetic"] = _synthetic
-_LOADERS["synthetic-av"] = _synthetic_av
+_LOADERS.update({
+    "synthetic": _synthetic,
+    "synthetic-av": _synthetic_av,
+    "cremad": load_cremad,
+    "kinetics-sounds": kinetics_loader("kinetics-sounds", "hdf5"),
+    "kinetics-sounds-frames": kinetics_loader("kinetics-sounds", "frames"),
+    "kinetics400": kinetics_loader("kinetics400", "hdf5"),
+    "kinetics400-frames": kinetics_loader("kinetics400", "frames"),
+    "ucf101": load_ucf101,
+    "mosi": mosi_loader("mosi", "mosi_data.pkl"),
+    "mosei": mosi_loader("mosei", "mosei_senti_data.pkl"),
+})
 
 
 def dataset_names() -> list[str]:
@@ -49,6 +63,7 @@ def load_dataset(name: str, root: str | Path | None = None, *, seed: int = 0,
 __all__ = [
     "DataError",
     "DatasetInfo",
+    "FileDataset",
     "Splits",
     "SyntheticConfig",
     "TensorDataset",

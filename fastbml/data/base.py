@@ -96,3 +96,34 @@ def carve_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list
         held += idx[:n_held]
         kept += idx[n_held:]
     return sorted(kept), sorted(held)
+
+
+class FileDataset(Dataset):
+    """Items read from disk on access: `readers[m](sample_id, train) -> tensor` per modality.
+
+    `train` switches on the readers' augmentation (random crop / flip); val and test read
+    deterministically. Readers must be picklable for DataLoader workers.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], readers: Mapping, *, train: bool):
+        if not samples:
+            raise DataError("the split is empty: no samples found")
+        self.samples, self.readers, self.train = list(samples), dict(readers), train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        sample_id, label = self.samples[i]
+        return {m: read(sample_id, self.train) for m, read in self.readers.items()}, label
+
+    def subset(self, indices: Sequence[int], *, train: bool) -> FileDataset:
+        return FileDataset([self.samples[i] for i in indices], self.readers, train=train)
+
+
+def split_train_val(samples: list[tuple[str, int]], readers: Mapping, val_fraction: float,
+                    seed: int) -> tuple[FileDataset, FileDataset]:
+    """Train and a stratified held-out val carved from `samples` (val reads without augmentation)."""
+    kept, held = carve_split([label for _, label in samples], val_fraction, seed)
+    full = FileDataset(samples, readers, train=True)
+    return full.subset(kept, train=True), full.subset(held, train=False)

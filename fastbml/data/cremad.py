@@ -1,0 +1,77 @@
+"""CREMA-D (6 emotions; audio + face frames), in the layout of the OGM-GE preprocessing.
+
+    <root>/
+      train.csv  test.csv  [val.csv]   rows "clip_id,EMOTION" (NEU HAP SAD FEA DIS ANG), no header
+      AudioWAV/<clip_id>.wav           16-bit PCM WAV (the CREMA-D release files), or
+      audio_spec/<clip_id>.npy         a precomputed [F, T] spectrogram (used when present)
+      Image-01-FPS/<clip_id>/*.jpg     frames extracted at 1 fps, in name order
+
+Audio from WAV follows OGM-GE: 22.05 kHz, 3 s tiled, log|STFT| (n_fft 512, hop 353) ->
+[1, 257, 188]. Visual: `frames` evenly spaced frames (1 in OGM-GE, 2 in D&R), random resized crop
++ flip when training, resize otherwise, ImageNet normalisation -> [3, frames, size, size]. Without
+val.csv, val (model selection and D&R's held-out split) is carved from train, stratified,
+`val_fraction` of it (D&R: 744 of 6,698, about 0.111).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models import InputSpec
+from .base import DataError, DatasetInfo, FileDataset, Splits, read_lines, split_train_val
+from .io import FrameFolder, fit_spectrogram, load_array, wav_spectrogram
+
+EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+FRAME_DIR = "Image-01-FPS"
+
+
+def read_split_csv(path: Path, classes: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(clip_id, label index) rows of a CREMA-D split CSV."""
+    rows = []
+    for n, line in enumerate(read_lines(path, "CREMA-D split CSV"), 1):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 2 or parts[1] not in classes:
+            raise DataError(f"{path} line {n}: expected 'clip_id,EMOTION' with EMOTION in "
+                            f"{classes}, got {line!r}")
+        rows.append((parts[0], classes.index(parts[1])))
+    return rows
+
+
+class CremadAudio:
+    """Reads a clip's audio: audio_spec/<id>.npy if present, else AudioWAV/<id>.wav."""
+
+    def __init__(self, root: Path, shape: tuple[int, int] | None = None):
+        self.root, self.shape = root, shape
+
+    def __call__(self, clip_id: str, train: bool) -> torch.Tensor:
+        spec_path = self.root / "audio_spec" / f"{clip_id}.npy"
+        if spec_path.is_file():
+            array = load_array(spec_path, "CREMA-D spectrogram")
+            return fit_spectrogram(array, self.shape or array.shape[-2:])
+        return wav_spectrogram(self.root / "AudioWAV" / f"{clip_id}.wav")
+
+
+def load_cremad(root: Path, seed: int, options: dict) -> Splits:
+    """CREMA-D splits; options: frames (1), image_size (224), val_fraction (0.111)."""
+    frames = int(options.pop("frames", 1))
+    size = int(options.pop("image_size", 224))
+    val_fraction = float(options.pop("val_fraction", 744 / 6698))
+    if options:
+        raise ValueError(f"unknown CREMA-D options: {sorted(options)}")
+    train_rows = read_split_csv(root / "train.csv", EMOTIONS)
+    test_rows = read_split_csv(root / "test.csv", EMOTIONS)
+    audio = CremadAudio(root)
+    first_audio = audio(train_rows[0][0], False)
+    audio.shape = tuple(first_audio.shape[1:])
+    readers = {"audio": audio, "visual": FrameFolder(root / FRAME_DIR, frames, size)}
+    if (root / "val.csv").is_file():
+        train = FileDataset(train_rows, readers, train=True)
+        val = FileDataset(read_split_csv(root / "val.csv", EMOTIONS), readers, train=False)
+    else:
+        train, val = split_train_val(train_rows, readers, val_fraction, seed)
+    info = DatasetInfo("cremad", {"audio": InputSpec("spectrogram", tuple(first_audio.shape)),
+                                  "visual": InputSpec("frames", (3, frames, size, size))},
+                       len(EMOTIONS), EMOTIONS)
+    return Splits(info, train, val, FileDataset(test_rows, readers, train=False))

@@ -1,0 +1,280 @@
+"""Every dataset layout, on tiny fixture files written here in that exact layout."""
+
+import io
+import json
+import pickle
+import wave
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastbml.data import DataError, SyntheticConfig, load_dataset, make_synthetic
+from fastbml.data.base import carve_split
+from fastbml.data.cremad import EMOTIONS
+from fastbml.train import Trainer, make_config
+
+RNG = np.random.default_rng(0)
+
+
+def _jpeg(path=None, size=(40, 30), mode="RGB"):
+    channels = 3 if mode == "RGB" else 1
+    pixels = RNG.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8).squeeze()
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, format="JPEG")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _wav(path, seconds=0.25, rate=16000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = (RNG.standard_normal(int(seconds * rate)) * 3000).astype(np.int16)
+    with wave.open(str(path), "wb") as fh:
+        fh.setnchannels(1)
+        fh.setsampwidth(2)
+        fh.setframerate(rate)
+        fh.writeframes(samples.tobytes())
+
+
+def _cremad(root, *, npy=False, n_train=3, n_test=1, val=False):
+    def clips(split, n):
+        rows = []
+        for e in EMOTIONS:
+            for k in range(n):
+                clip = f"10{len(rows):02d}_{split}_{e}_X{k}"
+                rows.append(f"{clip},{e}")
+                if npy:
+                    (root / "audio_spec").mkdir(parents=True, exist_ok=True)
+                    np.save(root / "audio_spec" / f"{clip}.npy",
+                            RNG.standard_normal((16, 20 + k)).astype(np.float32))
+                else:
+                    _wav(root / "AudioWAV" / f"{clip}.wav")
+                for f in range(3):
+                    _jpeg(root / "Image-01-FPS" / clip / f"{f:05d}.jpg")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        return rows
+    clips("train", n_train)
+    clips("test", n_test)
+    if val:
+        clips("val", 1)
+    return root
+
+
+def test_cremad_wav_layout(tmp_path):
+    splits = load_dataset("cremad", _cremad(tmp_path), options={"frames": 2, "image_size": 32})
+    assert splits.info.num_classes == 6 and splits.info.modalities == ("audio", "visual")
+    assert len(splits.train) + len(splits.val) == 18 and len(splits.test) == 6
+    assert len(splits.val) == 6            # 1 of 3 per class (fraction 0.111 rounds to >= 1)
+    inputs, label = splits.val[0]
+    assert inputs["audio"].shape == (1, 257, 188)   # OGM-GE's 3 s log-STFT
+    assert inputs["visual"].shape == (3, 2, 32, 32)
+    assert 0 <= label < 6
+    assert splits.info.inputs["audio"].shape == (1, 257, 188)
+    x1, _ = splits.test[0]
+    x2, _ = splits.test[0]
+    assert torch.equal(x1["visual"], x2["visual"])  # eval reads are deterministic
+
+
+def test_cremad_npy_spectrograms_and_val_csv(tmp_path):
+    splits = load_dataset("cremad", _cremad(tmp_path, npy=True, val=True),
+                          options={"image_size": 24})
+    assert len(splits.train) == 18 and len(splits.val) == 6
+    shapes = {tuple(splits.train[i][0]["audio"].shape) for i in range(len(splits.train))}
+    assert shapes == {(1, 16, 20)}          # time axis fitted to the first sample's length
+    assert splits.train[0][0]["visual"].shape == (3, 1, 24, 24)
+
+
+def test_cremad_errors_name_the_file(tmp_path):
+    root = _cremad(tmp_path, n_train=2)
+    clip = (root / "train.csv").read_text().split("\n")[1].split(",")[0]
+    splits = load_dataset("cremad", root, options={"image_size": 16})
+    (root / "AudioWAV" / f"{clip}.wav").write_bytes(b"not a wav file at all")
+    with pytest.raises(DataError, match=f"{clip}.wav"):
+        splits.train.readers["audio"](clip, True)
+    for f in (root / "Image-01-FPS" / clip).iterdir():
+        f.write_bytes(b"\x00garbage")
+    with pytest.raises(DataError, match="unreadable image .*" + clip):
+        splits.train.readers["visual"](clip, False)
+    (root / "test.csv").unlink()
+    with pytest.raises(DataError, match=r"test\.csv"):
+        load_dataset("cremad", root)
+    (root / "test.csv").write_text("clip_a,JOY\n")
+    with pytest.raises(DataError, match=r"test\.csv line 1"):
+        load_dataset("cremad", root)
+    with pytest.raises(ValueError, match="unknown CREMA-D options"):
+        load_dataset("cremad", root, options={"fps": 2})
+
+
+def _annotations(root, subsets):
+    classes = ["bowling", "singing", "tickling"]
+    database = {}
+    for subset, n in subsets.items():
+        for i in range(n):
+            database[f"vid_{subset}_{i}"] = {"subset": subset, "label": classes[i % 3]}
+    (root / "annotations.json").write_text(json.dumps({"labels": classes, "database": database}))
+    return database
+
+
+def _kinetics(root, frames_layout, subsets):
+    database = _annotations(root, subsets)
+    (root / "audio").mkdir(parents=True)
+    (root / "hdf5").mkdir()
+    for k, vid in enumerate(database):
+        with open(root / "audio" / f"{vid}.pkl", "wb") as fh:
+            pickle.dump(RNG.standard_normal((12, 18 + k % 3)).astype(np.float32), fh)
+        if frames_layout == "hdf5":
+            with h5py.File(root / "hdf5" / f"{vid}.hdf5", "w") as fh:
+                ds = fh.create_dataset("video", (5,), dtype=h5py.vlen_dtype(np.uint8))
+                for i in range(5):
+                    ds[i] = np.frombuffer(_jpeg(), dtype=np.uint8)
+        else:
+            for i in range(5):
+                _jpeg(root / "frames" / vid / f"img_{i:05d}.jpg")
+    return database
+
+
+@pytest.mark.parametrize("variant", ["hdf5", "frames"])
+def test_kinetics_layouts(tmp_path, variant):
+    _kinetics(tmp_path, variant, {"training": 9, "validation": 3})
+    name = "kinetics-sounds" if variant == "hdf5" else "kinetics-sounds-frames"
+    splits = load_dataset(name, tmp_path, options={"image_size": 16})
+    assert splits.info.num_classes == 3
+    assert len(splits.test) == 3                        # "validation" is the test split
+    assert len(splits.train) + len(splits.val) == 9
+    inputs, _ = splits.train[0]
+    assert inputs["visual"].shape == (3, 3, 16, 16)     # first, middle, last frame
+    assert inputs["audio"].shape == (1, 12, 18)
+
+
+def test_kinetics400_with_testing_subset_and_errors(tmp_path):
+    database = _kinetics(tmp_path, "hdf5", {"training": 6, "validation": 3, "testing": 3})
+    splits = load_dataset("kinetics400", tmp_path, options={"image_size": 16, "frames": 2})
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 3, 3)
+    vid = next(iter(database))
+    (tmp_path / "hdf5" / f"{vid}.hdf5").unlink()
+    with pytest.raises(DataError, match=f"missing HDF5 video: .*{vid}.hdf5"):
+        splits.train.readers["visual"](vid, False)
+    (tmp_path / "audio" / f"{vid}.pkl").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match=f"unreadable spectrogram .*{vid}.pkl"):
+        splits.train.readers["audio"](vid, False)
+    (tmp_path / "annotations.json").write_text("{not json")
+    with pytest.raises(DataError, match="malformed annotation file"):
+        load_dataset("kinetics400", tmp_path)
+
+
+def _ucf(root):
+    classes = ["ApplyEyeMakeup", "Archery"]
+    (root / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
+    train, test = [], []
+    for c, name in enumerate(classes):
+        for g in range(4):
+            video = f"v_{name}_g{g:02d}_c01"
+            (train if g < 3 else test).append(f"{name}/{video}.avi" + (f" {c + 1}" if g < 3 else ""))
+            for i in range(1, 5):
+                _jpeg(root / "rgb" / video / f"img_{i:05d}.jpg")
+                _jpeg(root / "flow" / video / f"flow_x_{i:05d}.jpg", mode="L")
+                _jpeg(root / "flow" / video / f"flow_y_{i:05d}.jpg", mode="L")
+    (root / "trainlist01.txt").write_text("\n".join(train) + "\n")
+    (root / "testlist01.txt").write_text("\n".join(test) + "\n")
+
+
+def test_ucf101_layout_and_errors(tmp_path):
+    _ucf(tmp_path)
+    splits = load_dataset("ucf101", tmp_path, options={"image_size": 16})
+    assert splits.info.modalities == ("rgb", "flow")
+    assert len(splits.train) + len(splits.val) == 6 and len(splits.test) == 2
+    inputs, label = splits.test[1]
+    assert label == 1
+    assert inputs["rgb"].shape == (3, 3, 16, 16) and inputs["flow"].shape == (2, 3, 16, 16)
+    assert inputs["flow"].min() >= -1 and inputs["flow"].max() <= 1
+    (tmp_path / "flow" / "v_Archery_g03_c01" / "flow_y_00004.jpg").unlink()
+    with pytest.raises(DataError, match=r"flow_y_00004\.jpg"):
+        splits.test[1]
+    with pytest.raises(ValueError, match="split must be"):
+        load_dataset("ucf101", tmp_path, options={"split": 4})
+
+
+def _mosi(path, n=(8, 4, 4), length=5, dims=(300, 74, 35)):
+    data = {}
+    for split, count in zip(("train", "valid", "test"), n):
+        data[split] = {m: RNG.standard_normal((count, length, d)).astype(np.float32)
+                       for m, d in zip(("text", "audio", "vision"), dims)}
+        data[split]["labels"] = RNG.uniform(-3, 3, (count, 1, 1)).astype(np.float32)
+    data["train"]["audio"][0, 0, 0] = -np.inf       # as in MOSEI's COVAREP features
+    with open(path, "wb") as fh:
+        pickle.dump(data, fh)
+    return data
+
+
+def test_mosi_mosei_layouts(tmp_path):
+    data = _mosi(tmp_path / "mosi_data.pkl")
+    splits = load_dataset("mosi", tmp_path)
+    assert splits.info.modalities == ("text", "audio", "vision")
+    assert splits.info.inputs["vision"].shape == (5, 35)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 4, 4)
+    inputs, label = splits.train[0]
+    assert torch.isfinite(inputs["audio"]).all()
+    assert label == int(data["train"]["labels"][0, 0, 0] >= 0)
+    seven = load_dataset("mosi", tmp_path, options={"labels": "7class"})
+    assert seven.info.num_classes == 7
+    assert seven.test[0][1] == int(np.round(data["test"]["labels"][0, 0, 0])) + 3
+    _mosi(tmp_path / "mosei_senti_data.pkl")
+    assert len(load_dataset("mosei", tmp_path).test) == 4
+    (tmp_path / "mosi_data.pkl").write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"mosi_data\.pkl"):
+        load_dataset("mosi", tmp_path)
+
+
+def test_training_on_fixture_datasets(tmp_path):
+    """The real-layout datasets feed the ResNet-18 / transformer models through the Trainer."""
+    _mosi(tmp_path / "mosi_data.pkl")
+    cfg = make_config(dataset="mosi", data_root=str(tmp_path), method="ogm-ge", epochs=1,
+                      batch_size=4, feature_dim=16, progress=False, tensorboard=False,
+                      plots=False, out=str(tmp_path / "run_mosi"), threads=1)
+    summary = Trainer(cfg).fit()
+    assert set(summary["test"]) >= {"acc_text", "acc_audio", "acc_vision"}
+    root = tmp_path / "cremad"
+    _cremad(root, npy=True, n_train=2)
+    cfg = make_config(dataset="cremad", data_root=str(root), method="opm+ogm-ge", epochs=1,
+                      batch_size=6, dataset_options={"image_size": 32}, progress=False,
+                      tensorboard=False, plots=False, out=str(tmp_path / "run_cremad"),
+                      threads=1, workers=1)
+    assert 0 <= Trainer(cfg).fit()["test"]["acc"] <= 1
+
+
+def test_synthetic_is_seeded_and_shaped():
+    cfg = SyntheticConfig(n_train=50, n_val=20, n_test=30)
+    a, b = make_synthetic(3, cfg), make_synthetic(3, cfg)
+    assert torch.equal(a.train.inputs["visual"], b.train.inputs["visual"])
+    assert not torch.equal(a.train.inputs["audio"], make_synthetic(4, cfg).train.inputs["audio"])
+    av = make_synthetic(3, SyntheticConfig(n_train=50, n_val=20, n_test=30, layout="av"))
+    inputs, _ = av.train[0]
+    assert inputs["audio"].shape == (1, 32, 32) and inputs["visual"].shape == (3, 2, 16, 16)
+    assert av.info.inputs["visual"].kind == "frames"
+    torch.testing.assert_close(av.train.labels, a.train.labels)
+    with pytest.raises(ValueError, match="layout"):
+        SyntheticConfig(layout="image")
+    with pytest.raises(ValueError, match="n_train"):
+        SyntheticConfig(n_train=0)
+
+
+def test_carve_split_is_stratified_and_disjoint():
+    labels = [0] * 10 + [1] * 20 + [2]
+    kept, held = carve_split(labels, 0.2, seed=1)
+    assert sorted(kept + held) == list(range(31)) and not set(kept) & set(held)
+    assert sum(labels[i] == 0 for i in held) == 2 and sum(labels[i] == 1 for i in held) == 4
+    assert 30 in kept                                   # a singleton class stays in train
+    assert carve_split(labels, 0.2, seed=1) == (kept, held)
+
+
+def test_load_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match="needs a data root"):
+        load_dataset("cremad")
+    with pytest.raises(DataError, match="not a directory"):
+        load_dataset("ucf101", tmp_path / "nowhere")
