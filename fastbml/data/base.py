@@ -46,7 +46,11 @@ class Splits:
 
 
 class TensorDataset(Dataset):
-    """In-memory items: inputs {modality: [N, ...]} and labels [N]."""
+    """In-memory items: inputs {modality: [N, ...]} and labels [N].
+
+    Indexing with a list of indices returns the whole batch at once (stacked inputs, labels
+    tensor), so a loader can fetch batches without per-item Python work.
+    """
 
     def __init__(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor):
         n = labels.shape[0]
@@ -58,8 +62,11 @@ class TensorDataset(Dataset):
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
-        return {m: x[i] for m, x in self.inputs.items()}, int(self.labels[i])
+    def __getitem__(self, i):
+        if isinstance(i, int):
+            return {m: x[i] for m, x in self.inputs.items()}, int(self.labels[i])
+        index = torch.as_tensor(i, dtype=torch.long)
+        return {m: x[index] for m, x in self.inputs.items()}, self.labels[index]
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from .. import rng
-from ..data import Splits, load_dataset
+from ..data import Splits, TensorDataset, load_dataset
 from ..models import build_model
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
@@ -107,11 +107,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
+        """Batches of `dataset`; in-memory datasets are indexed a whole batch at a time."""
         cuda = self.device.type == "cuda"
+        drop_last = shuffle and self.cfg.drop_last
+        if isinstance(dataset, TensorDataset):
+            sampler = (RandomSampler(dataset, generator=self.loader_gen) if shuffle
+                       else SequentialSampler(dataset))
+            return DataLoader(dataset, sampler=BatchSampler(sampler, self.cfg.batch_size,
+                                                            drop_last),
+                              batch_size=None, pin_memory=cuda)
         return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
-                          drop_last=shuffle and self.cfg.drop_last,
-                          num_workers=self.cfg.workers, pin_memory=cuda,
-                          persistent_workers=False,
+                          drop_last=drop_last, num_workers=self.cfg.workers, pin_memory=cuda,
                           generator=self.loader_gen if shuffle else None)
 
     # ---------------------------------------------------------------- train / eval
