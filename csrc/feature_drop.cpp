@@ -20,16 +20,30 @@ constexpr uint32_t kStreamMask = 2;  // fastbml.rng.STREAM_MASK
 constexpr int64_t kWorkElements = 1 << 15;  // elements per parallel work item (whole rows)
 // Below these sizes a parallel region costs more than it saves (and on a busy machine a
 // barrier can wait for a descheduled thread), so the loops run on the calling thread.
-constexpr int64_t kParallelDraws = 1 << 13;
+constexpr int64_t kParallelBlocks = 1 << 12;  // Philox blocks (4 draws each)
+constexpr int64_t kDrawChunk = 1 << 10;       // Philox blocks per parallel work item
 constexpr int64_t kParallelElements = 1 << 16;
 
-// The Philox uniform of flattened element `index` of `stream` (word index % 4 of block index / 4).
-float uniform_at(uint64_t seed, uint32_t stream, int64_t index) {
-  const uint64_t block = static_cast<uint64_t>(index) >> 2;
-  const Philox4 r = philox4x32(seed, static_cast<uint32_t>(block),
-                               static_cast<uint32_t>(block >> 32), stream, 0u);
-  const uint32_t words[4] = {r.w0, r.w1, r.w2, r.w3};
-  return uniform_open(words[index & 3]);
+Philox4 block_words(uint64_t seed, uint32_t stream, int64_t block) {
+  const uint64_t b = static_cast<uint64_t>(block);
+  return philox4x32(seed, static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), stream, 0u);
+}
+
+// keep[k] = (mask uniform of element k) >= q[k / batch] for the 4 * n_blocks elements of blocks
+// first .. first + n_blocks - 1; elements past n_rows (the last block's padding) compare with
+// the last modality's q and are never read.
+FASTBML_SIMD_CLONES
+void draw_keep(uint64_t seed, const float* q, int64_t batch, int64_t n_rows, int64_t first,
+               int64_t n_blocks, uint8_t* keep) {
+#pragma omp simd
+  for (int64_t b = first; b < first + n_blocks; ++b) {
+    const Philox4 r = block_words(seed, kStreamMask, b);
+    const int64_t k = 4 * b;
+    keep[k] = uniform_open(r.w0) >= q[std::min(k, n_rows - 1) / batch];
+    keep[k + 1] = uniform_open(r.w1) >= q[std::min(k + 1, n_rows - 1) / batch];
+    keep[k + 2] = uniform_open(r.w2) >= q[std::min(k + 2, n_rows - 1) / batch];
+    keep[k + 3] = uniform_open(r.w3) >= q[std::min(k + 3, n_rows - 1) / batch];
+  }
 }
 
 template <typename T>
@@ -84,19 +98,20 @@ void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uin
   }
   const float theta = total_dim > 0 ? weighted / static_cast<float>(total_dim) : 0.0f;
   const float inv = theta < 1.0f ? 1.0f / (1.0f - theta) : 0.0f;
-  const bool executed = uniform_at(seed, kStreamCoin, 0) >= threshold;
+  const bool executed = uniform_open(block_words(seed, kStreamCoin, 0).w0) >= threshold;
 
   // keep[m * batch + i]: whether row i of modality m survives (all rows when the coin says no);
   // factor: what that row is multiplied by.
   const int64_t n_rows = n_mod * batch;
-  std::vector<uint8_t> keep(static_cast<size_t>(n_rows), 1);
+  const int64_t n_blocks = (n_rows + 3) / 4;
+  std::vector<uint8_t> keep(static_cast<size_t>(4 * n_blocks), 1);
   std::vector<float> factor(static_cast<size_t>(n_rows), 1.0f);
   if (executed) {
-#pragma omp parallel for schedule(static) if (n_rows >= kParallelDraws)
-    for (int64_t k = 0; k < n_rows; ++k) {
-      keep[k] = uniform_at(mask_seed, kStreamMask, k) >= q[k / batch];
-      factor[k] = keep[k] ? inv : 0.0f;
-    }
+#pragma omp parallel for schedule(static) if (n_blocks >= kParallelBlocks)
+    for (int64_t first = 0; first < n_blocks; first += kDrawChunk)
+      draw_keep(mask_seed, q, batch, n_rows, first, std::min(kDrawChunk, n_blocks - first),
+                keep.data());
+    for (int64_t k = 0; k < n_rows; ++k) factor[k] = keep[k] ? inv : 0.0f;
   }
 
   if (weights_ptr != 0) {
