@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed, rng
-from .ops.feature_drop import check_probability, opm_drop
+from .ops.feature_drop import check_probability, drop_with_valid_q
 from .ops.scores import modality_scores
 
 
@@ -162,8 +162,11 @@ class OPM(nn.Module):
             self.last_q, self._last_seed = torch.zeros_like(scores), None
             return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
         q = opm_drop_probs(scores, self.q_base, self.lam)
-        out, weights = opm_drop(ordered, q, p_exe=self.p_exe, seed=seed, mask_seed=mask_seed,
-                                backend=self.backend)
+        if q.device != ordered[0].device:
+            raise ValueError(f"the logits are on {q.device} but the features on "
+                             f"{ordered[0].device}")
+        out, weights = drop_with_valid_q(ordered, q, p_exe=self.p_exe, seed=seed,
+                                         mask_seed=mask_seed, backend=self.backend)
         self.last_q, self._last_seed = q, seed
         if isinstance(features, Mapping):
             return dict(zip(self.modalities, out)), weights

@@ -193,11 +193,21 @@ def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float]
     global batch) and its own `mask_seed` (independent masks per rank). No host sync.
     """
     features = _check_features(features)
-    device = features[0].device
-    q = _check_q(q, len(features), device)
+    q = _check_q(q, len(features), features[0].device)
+    return drop_with_valid_q(features, q, p_exe=p_exe, seed=seed, mask_seed=mask_seed,
+                             backend=backend)
+
+
+def drop_with_valid_q(features: Sequence[torch.Tensor], q: torch.Tensor, *, p_exe: float,
+                      seed: int | None, mask_seed: int | None,
+                      backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`opm_drop` for a q already known to be a float32 [M] tensor in [0, 1] on the features'
+    device (as `opm_drop_probs` returns it): skips q's range check, which costs device launches
+    on every training step. The features are still checked (on the host, at no device cost)."""
+    features = _check_features(features)
     threshold = 1.0 - check_probability(p_exe, "p_exe")
     seed = rng.resolve_seed(seed)
     mask_seed = seed if mask_seed is None else rng.check_seed(mask_seed, "mask_seed")
-    impl = resolve_backend(backend, device)
-    *outputs, weights = _OPMDrop.apply(q, threshold, seed, mask_seed, impl, *features)
+    impl = resolve_backend(backend, features[0].device)
+    *outputs, weights = _OPMDrop.apply(q.detach(), threshold, seed, mask_seed, impl, *features)
     return outputs, weights
