@@ -145,6 +145,18 @@ def test_gradient_is_the_same_mask_and_scale(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_unused_modality_gets_a_zero_gradient_and_double_backward_is_refused(backend):
+    feats = features_of(10, [(4,), (3,)], grad=True)
+    outs, _ = fastbml.opm_drop(feats, [0.5, 0.0], seed=6, backend=backend)
+    (outs[0] ** 2).sum().backward()
+    assert torch.equal(feats[1].grad, torch.zeros_like(feats[1]))
+    outs, _ = fastbml.opm_drop(feats, [0.5, 0.0], seed=6, backend=backend)
+    (grad,) = torch.autograd.grad((outs[0] ** 2).sum(), feats[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not support"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_same_seed_same_result_different_seed_different_mask(backend):
     feats = features_of(64, [(8,), (8,)])
     q = torch.tensor([0.5, 0.5], device=DEVICE)

@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import rng
 from ..backend import cpp_module, resolve_backend
@@ -106,6 +107,7 @@ class _OPMDrop(torch.autograd.Function):
         return (*(y.view(s) for y, s in zip(outputs, shapes)), weights)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         (q,) = ctx.saved_tensors
         grad_features = grads[:-1]
