@@ -152,7 +152,7 @@ def test_an_unused_modality_gets_a_zero_gradient_and_double_backward_is_refused(
     assert torch.equal(feats[1].grad, torch.zeros_like(feats[1]))
     outs, _ = fastbml.opm_drop(feats, [0.5, 0.0], seed=6, backend=backend)
     (grad,) = torch.autograd.grad((outs[0] ** 2).sum(), feats[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not support"):
+    with pytest.raises(RuntimeError, match=r"once_differentiable|double backward|not support"):
         grad.sum().backward()
 
 
