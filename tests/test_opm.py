@@ -314,6 +314,8 @@ def test_hot_path_runs_on_meta_tensors_without_host_sync():
         (lambda: [randn(4, 3), randn(4, 3)], torch.zeros(3), 1.0, ValueError, "q"),
         (lambda: [randn(4, 3), randn(4, 3)], [0.1, 1.5], 1.0, ValueError, r"q\[1\]"),
         (lambda: [randn(4, 3), randn(4, 3)], torch.tensor([-0.1, 0.2]), 1.0, ValueError, "q"),
+        (lambda: [randn(4, 3), randn(4, 3)], torch.tensor([0.5, float("nan")]), 1.0, ValueError,
+         "q"),
         (lambda: [randn(4, 3), randn(4, 3)], torch.tensor([0, 1]), 1.0, TypeError, "q"),
         (lambda: [randn(4, 3), randn(4, 3)], "ab", 1.0, TypeError, "q"),
         (lambda: [randn(4, 3), randn(4, 3)], [0.1, 0.2], 1.2, ValueError, "p_exe"),

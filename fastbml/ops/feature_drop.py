@@ -150,12 +150,12 @@ def _check_q(q, n_mod: int, device: torch.device) -> torch.Tensor:
         if q.device != device:
             raise ValueError(f"q is on {q.device} but features on {device}")
         q = q.detach().to(torch.float32).contiguous()
-        in_range = ((q >= 0) & (q <= 1)).all()
+        lo, hi = torch.aminmax(q)  # NaN propagates into both and fails either check
         if device.type == "cpu":
-            if not in_range:
+            if not (float(lo) >= 0.0 and float(hi) <= 1.0):
                 raise ValueError("q must lie in [0, 1], got values outside it")
         elif device.type == "cuda":  # checked on device: no host sync
-            torch._assert_async(in_range, "fastbml: q must lie in [0, 1]")
+            torch._assert_async((lo >= 0) & (hi <= 1), "fastbml: q must lie in [0, 1]")
         return q
     if isinstance(q, (str, bytes)) or not isinstance(q, Sequence):
         raise TypeError(f"q must be a tensor or a sequence of floats, got {type(q).__name__}")
