@@ -84,8 +84,9 @@ class OPM(nn.Module):
     the first call checks that the ranks agree on the configuration and seed), while each rank
     draws its own per-sample masks (mask seed: rng.step_seed(step seed, rank)). Each rank's
     weights normalise over its own kept rows; with M = 2 no row is ever removed, so DDP's gradient
-    average equals the reference's global mean. `last_scores`, `last_q`, `last_theta` and `last_executed` give the
-    latest training call's values as device tensors (no sync); q is zeros outside the window.
+    average equals the reference's global mean. `last_scores`, `last_q`, `last_theta` and
+    `last_executed` give the latest training call's values as device tensors (no sync); q is
+    zeros outside the window. State (seed, step count) travels in `state_dict()` as extra state.
     """
 
     def __init__(self, modalities: Sequence[str], *, q_base: float = 0.5, lam: float = 0.5,
