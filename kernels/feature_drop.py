@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import _uniform_open
-from .scale_noise import _TL_DTYPES, _device_table
+from .philox import uniform_open
+from .tables import TL_DTYPES, device_table
 
 # fastbml.rng.STREAM_COIN / STREAM_MASK (globals a jit function reads must be constexpr)
 STREAM_COIN = tl.constexpr(1)
@@ -32,7 +32,7 @@ def _uniform_at(seed, stream, index):
     c2 = (tl.zeros_like(c0) + stream).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, tl.zeros_like(c0))
     word = index % 4
-    return _uniform_open(tl.where(word == 0, w0, tl.where(word == 1, w1,
+    return uniform_open(tl.where(word == 0, w0, tl.where(word == 1, w1,
                                                           tl.where(word == 2, w2, w3))))
 
 
@@ -128,11 +128,11 @@ def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tenso
     aligned = all(t.data_ptr() % 16 == 0 for t in (*inputs, *outputs)) and all(
         d % 16 == 0 and x.stride(0) % 16 == 0 for d, x in zip(dims, inputs))
     if sum(programs):
-        table = _device_table([[x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs],
+        table = device_table([[x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs],
                                [x.stride(0) for x in inputs], dims, first], device)
         _drop_scale_kernel[(sum(programs),)](
             table[0], table[1], table[2], table[3], table[4], q, n_mod, batch,
-            float(max(sum(dims), 1)), threshold, seed, mask_seed, DTYPE=_TL_DTYPES[inputs[0].dtype],
+            float(max(sum(dims), 1)), threshold, seed, mask_seed, DTYPE=TL_DTYPES[inputs[0].dtype],
             MP=max(2, triton.next_power_of_2(n_mod)), ROWS=rows, COLS=cols, ALIGNED=aligned,
             num_warps=8 if block >= 4096 else 4)
     if weights is not None and batch:

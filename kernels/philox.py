@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _uniform_open(word):
+def uniform_open(word):
     """Top 24 bits of a uint32 word, centred in their bucket: a float32 in (0, 1)."""
     return (word >> 8).to(tl.float32) * 5.9604644775390625e-08 + 2.98023223876953125e-08
 
@@ -37,17 +37,17 @@ def philox_words(seed, stream, first_element, BLOCK: tl.constexpr):
 def uniform_block(seed, stream, first_element, BLOCK: tl.constexpr):
     """BLOCK uniforms in (0, 1) for elements first_element .. first_element + BLOCK - 1."""
     w0, w1, w2, w3 = philox_words(seed, stream, first_element, BLOCK)
-    return _interleave4(_uniform_open(w0), _uniform_open(w1), _uniform_open(w2),
-                        _uniform_open(w3))
+    return _interleave4(uniform_open(w0), uniform_open(w1), uniform_open(w2),
+                        uniform_open(w3))
 
 
 @triton.jit
 def normal_block(seed, stream, first_element, BLOCK: tl.constexpr):
     """BLOCK standard normals (Box-Muller on word pairs) for elements from first_element."""
     w0, w1, w2, w3 = philox_words(seed, stream, first_element, BLOCK)
-    r01 = tl.sqrt(-2.0 * tl.log(_uniform_open(w0)))
-    r23 = tl.sqrt(-2.0 * tl.log(_uniform_open(w2)))
-    a01 = 6.283185307179586 * _uniform_open(w1)
-    a23 = 6.283185307179586 * _uniform_open(w3)
+    r01 = tl.sqrt(-2.0 * tl.log(uniform_open(w0)))
+    r23 = tl.sqrt(-2.0 * tl.log(uniform_open(w2)))
+    a01 = 6.283185307179586 * uniform_open(w1)
+    a23 = 6.283185307179586 * uniform_open(w3)
     return _interleave4(r01 * tl.cos(a01), r01 * tl.sin(a01), r23 * tl.cos(a23),
                         r23 * tl.sin(a23))

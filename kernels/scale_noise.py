@@ -17,8 +17,7 @@ import triton
 import triton.language as tl
 
 from .philox import normal_block
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+from .tables import TL_DTYPES, device_table
 
 
 @triton.jit
@@ -87,13 +86,6 @@ def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, s
     tl.store(ptr + offs, y.to(DTYPE), mask=mask)
 
 
-def _device_table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
-
-
 def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
                               scale_index: Sequence[int], scales: torch.Tensor, *, noise: bool,
                               seed: int, stream: int, eps: float, block: int | None = None) -> None:
@@ -116,22 +108,22 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
             chunk_tensor += [local] * len(starts)
             chunk_start += starts
             first_chunk.append(len(chunk_tensor))
-        per_tensor = _device_table(
+        per_tensor = device_table(
             [[tensors[i].data_ptr() for i in members], [tensors[i].numel() for i in members],
              [offsets[i] for i in members], [scale_index[i] for i in members]], device)
         ptrs, numels, starts_in_stream, groups = per_tensor.unbind(0)
-        chunks = _device_table([chunk_tensor, chunk_start], device)
+        chunks = device_table([chunk_tensor, chunk_start], device)
         n_chunks = len(chunk_tensor)
         sigma = torch.empty(len(members), dtype=torch.float32, device=device)
         warps = 8 if block >= 4096 else 4
         if noise:
             moments = torch.empty(n_chunks, 3, dtype=torch.float32, device=device)
             _moments_kernel[(n_chunks,)](ptrs, numels, chunks[0], chunks[1], moments,
-                                         DTYPE=_TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
-            first = _device_table([first_chunk], device)[0]
+                                         DTYPE=TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
+            first = device_table([first_chunk], device)[0]
             most = max(b - a for a, b in itertools.pairwise(first_chunk))
             _sigma_kernel[(len(members),)](moments, first, sigma, eps, triton.cdiv(most, 1024),
                                            CHUNKS=1024)
         _rewrite_kernel[(n_chunks,)](ptrs, numels, starts_in_stream, groups, scales, sigma,
                                      chunks[0], chunks[1], seed, stream, NOISE=noise,
-                                     DTYPE=_TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
+                                     DTYPE=TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
