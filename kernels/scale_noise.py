@@ -21,24 +21,46 @@ from .tables import TL_DTYPES, device_table
 
 
 @triton.jit
-def _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE: tl.constexpr):
+def _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE: tl.constexpr,
+               ALIGNED: tl.constexpr):
     t = tl.load(chunk_tensor + pid)
     start = tl.load(chunk_start + pid)
-    base = tl.load(ptr_table + t).to(tl.pointer_type(DTYPE))
-    return t, start, base + start
+    ptr = tl.load(ptr_table + t).to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:  # every tensor 16-byte aligned and chunks a multiple of 16 bytes: vector access
+        ptr = tl.multiple_of(ptr, 16)
+    return t, start, ptr
+
+
+@triton.jit
+def _load_chunk(ptr, count, BLOCK: tl.constexpr):
+    """The chunk's values in float32 (0 past `count`); full chunks load without a mask, so
+    that the compiler can use vector loads."""
+    offs = tl.arange(0, BLOCK)
+    if count == BLOCK:  # noqa: SIM108 - a runtime branch in a Triton kernel, not a ternary
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=offs < count, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_chunk(ptr, values, count, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    if count == BLOCK:
+        tl.store(ptr + offs, values)
+    else:
+        tl.store(ptr + offs, values, mask=offs < count)
 
 
 @triton.jit
 def _moments_kernel(ptr_table, numel_table, chunk_tensor, chunk_start, moments,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE)
+    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
     count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < count
-    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_chunk(ptr, count, BLOCK)
     mean = tl.sum(x) / count.to(tl.float32)
-    m2 = tl.sum(tl.where(mask, (x - mean) * (x - mean), 0.0))
+    m2 = tl.sum(tl.where(tl.arange(0, BLOCK) < count, (x - mean) * (x - mean), 0.0))
     tl.store(moments + 3 * pid, count.to(tl.float32))
     tl.store(moments + 3 * pid + 1, mean)
     tl.store(moments + 3 * pid + 2, m2)
@@ -72,18 +94,16 @@ def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexp
 @triton.jit(do_not_specialize=["seed", "stream"])
 def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, sigma,
                     chunk_tensor, chunk_start, seed, stream,
-                    NOISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                    NOISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                    ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < tl.load(numel_table + t) - start
-    scale = tl.load(scales + tl.load(scale_index + t))
-    x = tl.load(ptr + offs, mask=mask).to(tl.float32)
-    y = scale * x
+    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
+    count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
+    y = tl.load(scales + tl.load(scale_index + t)) * _load_chunk(ptr, count, BLOCK)
     if NOISE:
         first = tl.load(offset_table + t) + start
         y += tl.load(sigma + t) * normal_block(seed, stream, first, BLOCK)
-    tl.store(ptr + offs, y.to(DTYPE), mask=mask)
+    _store_chunk(ptr, y.to(DTYPE), count, BLOCK)
 
 
 def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
@@ -116,14 +136,17 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
         n_chunks = len(chunk_tensor)
         sigma = torch.empty(len(members), dtype=torch.float32, device=device)
         warps = 8 if block >= 4096 else 4
+        aligned = all(tensors[i].data_ptr() % 16 == 0 for i in members)
         if noise:
             moments = torch.empty(n_chunks, 3, dtype=torch.float32, device=device)
             _moments_kernel[(n_chunks,)](ptrs, numels, chunks[0], chunks[1], moments,
-                                         DTYPE=TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
+                                         DTYPE=TL_DTYPES[dtype], BLOCK=block, ALIGNED=aligned,
+                                         num_warps=warps)
             first = device_table([first_chunk], device)[0]
             most = max(b - a for a, b in itertools.pairwise(first_chunk))
             _sigma_kernel[(len(members),)](moments, first, sigma, eps, triton.cdiv(most, 1024),
                                            CHUNKS=1024)
         _rewrite_kernel[(n_chunks,)](ptrs, numels, starts_in_stream, groups, scales, sigma,
                                      chunks[0], chunks[1], seed, stream, NOISE=noise,
-                                     DTYPE=TL_DTYPES[dtype], BLOCK=block, num_warps=warps)
+                                     DTYPE=TL_DTYPES[dtype], BLOCK=block, ALIGNED=aligned,
+                                     num_warps=warps)

@@ -122,8 +122,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- train / eval
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
-        model.train()
+        cfg = self.cfg
+        self.model.train()
         self.methods.train(True)
         self.loader_gen.manual_seed(rng.step_seed(cfg.seed, epoch))
         loss_sum = torch.zeros((), device=self.device)
@@ -134,35 +134,41 @@ class Trainer:
 
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for inputs, labels in batches:
-            inputs = _to_device(inputs, self.modalities, self.device)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                features = model.encode(inputs)
-                unimodal = model.head.unimodal_logits(features)
-                fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
-                logits = model.head(fused_in)
-            per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-            loss = per_sample.mean() if weights is None else (per_sample * weights).sum()
-            aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
-            total = loss if aux is None else loss + aux
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(total).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                total.backward()
-            self.methods.after_backward(unimodal, labels, epoch)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            loss_sum += loss.detach() * labels.shape[0]
+            loss_sum += self.train_step(_to_device(inputs, self.modalities, self.device),
+                                        labels, epoch) * labels.shape[0]
             n_seen += labels.shape[0]
         if self.scheduler is not None:
             self.scheduler.step()
         return {"train_loss": float(loss_sum) / max(n_seen, 1), **self.methods.epoch_logs()}
+
+    def train_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   epoch: int) -> torch.Tensor:
+        """One optimisation step on a batch already on the device; returns the detached loss."""
+        model = self.model
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            features = model.encode(inputs)
+            unimodal = model.head.unimodal_logits(features)
+            fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
+            logits = model.head(fused_in)
+        per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+        loss = per_sample.mean() if weights is None else (per_sample * weights).sum()
+        aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
+        total = loss if aux is None else loss + aux
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        self.methods.after_backward(unimodal, labels, epoch)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return loss.detach()
 
     @torch.no_grad()
     def _outputs(self, dataset: Dataset):
