@@ -57,12 +57,16 @@ inline void sincos_turns(float u, float& s, float& c) {
   c = c_sign * (ct + odd * (st - ct));
 }
 
-// e^x for x <= 88.7; inputs below -87.3 give ~1e-38 rather than 0 (negligible in a softmax
-// sum, and keeps the result a normal float). NaN is not handled: callers check it.
+// e^x for x <= 0 (a softmax term x - max); inputs below -87.3, -inf included, give ~1e-38
+// rather than 0 (negligible in a softmax sum; keeps the result a normal float). Branch-free
+// (integer selects), so loops over it vectorise. NaN in, garbage out: callers check NaN.
 inline float exp_nonpositive(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f +
-                                                          (x < 0.0f ? -0.5f : 0.5f)));
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const int32_t low = -static_cast<int32_t>(x < -87.3f);  // all ones below the floor
+  bits = (bits & ~low) | (static_cast<int32_t>(0xc2ae999a) & low);  // -87.3f
+  std::memcpy(&x, &bits, sizeof x);
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -71,9 +75,9 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t scale_bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
+  std::memcpy(&scale, &scale_bits, sizeof scale);
   return y * scale;
 }
 

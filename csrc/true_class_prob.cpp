@@ -1,4 +1,7 @@
 // Per-group sums of the softmax probability each row gives its label (all groups in one call).
+// Rows are short (C is the class count), so exp() runs over a whole tile of rows at once: one
+// long loop the compiler vectorises, instead of one short loop per row.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -11,33 +14,45 @@
 namespace fastbml {
 namespace {
 
+constexpr int64_t kTileElements = 8192;  // shifted logits of a tile of rows, kept in L1/L2
+
+// prob[r] for rows [first, last) of logits [rows, C]; NaN for a row holding NaN or +inf.
 template <typename T>
-float row_true_prob(const T* row, int64_t n_classes, int64_t label) {
-  float peak = -INFINITY;
-  float sum = 0.0f;  // only to detect NaN, which the max skips
-#pragma omp simd reduction(max : peak) reduction(+ : sum)
-  for (int64_t c = 0; c < n_classes; ++c) {
-    const float x = to_float(row[c]);
-    peak = x > peak ? x : peak;
-    sum += x;
+void tile_true_probs(const T* logits, const int64_t* labels, int64_t batch, int64_t n_classes,
+                     int64_t first, int64_t last, float* shifted, float* prob) {
+  for (int64_t r = first; r < last; ++r) {
+    const T* row = logits + r * n_classes;
+    float* out = shifted + (r - first) * n_classes;
+    float peak = -INFINITY;  // a NaN entry is skipped here and caught through the sum below
+#pragma omp simd reduction(max : peak)
+    for (int64_t c = 0; c < n_classes; ++c) peak = std::max(peak, to_float(row[c]));
+    for (int64_t c = 0; c < n_classes; ++c) out[c] = to_float(row[c]) - peak;
   }
-  if (sum != sum || peak == INFINITY) return NAN;  // as the softmax of such a row
-  float total = 0.0f;
+  const int64_t n = (last - first) * n_classes;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) shifted[i] = exp_nonpositive(shifted[i]);
+  for (int64_t r = first; r < last; ++r) {
+    const float* e = shifted + (r - first) * n_classes;
+    float total = 0.0f;  // NaN if the row holds NaN or +inf (x - peak is then NaN)
 #pragma omp simd reduction(+ : total)
-  for (int64_t c = 0; c < n_classes; ++c) total += exp_nonpositive(to_float(row[c]) - peak);
-  return exp_nonpositive(to_float(row[label]) - peak) / total;
+    for (int64_t c = 0; c < n_classes; ++c) total += e[c];
+    prob[r] = e[labels[r % batch]] / total;
+  }
 }
 
 FASTBML_SIMD_CLONES
-float true_prob(DType dtype, uintptr_t logits, int64_t row, int64_t n_classes, int64_t label) {
-  const int64_t offset = row * n_classes;
+void true_probs(DType dtype, uintptr_t logits, const int64_t* labels, int64_t batch,
+                int64_t n_classes, int64_t first, int64_t last, float* shifted, float* prob) {
   switch (dtype) {
     case DType::kBFloat16:
-      return row_true_prob(reinterpret_cast<const BFloat16*>(logits) + offset, n_classes, label);
+      return tile_true_probs(reinterpret_cast<const BFloat16*>(logits), labels, batch, n_classes,
+                             first, last, shifted, prob);
     case DType::kFloat16:
-      return row_true_prob(reinterpret_cast<const Float16*>(logits) + offset, n_classes, label);
+      return tile_true_probs(reinterpret_cast<const Float16*>(logits), labels, batch, n_classes,
+                             first, last, shifted, prob);
     default:
-      return row_true_prob(reinterpret_cast<const float*>(logits) + offset, n_classes, label);
+      return tile_true_probs(reinterpret_cast<const float*>(logits), labels, batch, n_classes,
+                             first, last, shifted, prob);
   }
 }
 
@@ -49,9 +64,17 @@ void true_class_prob_sums(uintptr_t logits_ptr, int dtype, int64_t n_groups, int
   const int64_t* labels = reinterpret_cast<const int64_t*>(labels_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);
   const int64_t rows = n_groups * batch;
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElements / n_classes);
+  const int64_t n_tiles = (rows + tile_rows - 1) / tile_rows;
   std::vector<float> prob(rows);
-#pragma omp parallel for schedule(static) if (rows * n_classes > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) prob[r] = true_prob(dt, logits_ptr, r, n_classes, labels[r % batch]);
+#pragma omp parallel if (rows * n_classes > (1 << 16))
+  {
+    std::vector<float> shifted(tile_rows * n_classes);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; ++t)
+      true_probs(dt, logits_ptr, labels, batch, n_classes, t * tile_rows,
+                 std::min(rows, (t + 1) * tile_rows), shifted.data(), prob.data());
+  }
   for (int64_t m = 0; m < n_groups; ++m) {  // fixed order: deterministic for any thread count
     double sum = 0.0;
     for (int64_t i = 0; i < batch; ++i) sum += prob[m * batch + i];

@@ -76,3 +76,21 @@ def test_bad_input_names_the_argument(logits, labels, error, match):
         pytest.skip("label range is checked by a device-side assert on CUDA")
     with pytest.raises(error, match=match):
         fastbml.modality_scores(logits(), y)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_non_finite_logits_give_what_the_torch_path_gives(backend):
+    logits = randn(2, 6, 5)
+    logits[0, 1, 2] = float("nan")
+    logits[1, 2, 1] = float("inf")
+    logits[1, 4, 0] = float("-inf")  # a masked class: a finite score
+    labels = torch.tensor([0, 1, 2, 3, 4, 1], device=DEVICE)
+    expected = fastbml.modality_scores(logits, labels, backend="torch")
+    actual = fastbml.modality_scores(logits, labels, backend=backend)
+    assert torch.isnan(actual).tolist() == torch.isnan(expected).tolist() == [True, True]
+    only_masked = logits.clone()
+    only_masked[0, 1, 2] = 0.0
+    only_masked[1, 2, 1] = 0.0
+    expected = fastbml.modality_scores(only_masked, labels, backend="torch")
+    assert_close(fastbml.modality_scores(only_masked, labels, backend=backend), expected,
+                 dtype=torch.float32)
