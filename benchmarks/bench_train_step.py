@@ -1,0 +1,105 @@
+"""What balancing costs in a training step: the audio-visual ResNet-18 model, batch 64.
+
+One full step (forward, backward, modulation, SGD update) through fastbml's Trainer with each
+method, against plain joint training in the same run (the issue 5 target: at most +5% on CPU,
++3% on a GPU), plus OGM-GE written the way the reference repository does it (`original`):
+a per-sample Python loop for the scores, a Python branch on the ratio, and `grad.std().item()`
+with a fresh noise tensor for every conv kernel.
+
+CPU inputs are reduced (spectrogram 1x128x96, one 112x112 frame) to keep the run short; the
+modulation's cost does not depend on the input size, so the reduced step gives the *larger*
+relative overhead. On CUDA the inputs are CREMA-D-sized (1x257x188, one 224x224 frame).
+
+    python -m benchmarks.bench_train_step        # prints each method's overhead over joint
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from torch.nn import functional as F
+
+from fastbml.data import DatasetInfo, Splits, TensorDataset
+from fastbml.models import InputSpec
+from fastbml.train import Trainer, make_config
+
+from .harness import ORIGINAL, Case, median, time_case
+
+BATCH = 64
+CLASSES = 6
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "opm+ogm-ge")
+
+
+def _shapes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if device.type == "cuda":
+        return (1, 257, 188), (3, 1, 224, 224)
+    return (1, 128, 96), (3, 1, 112, 112)
+
+
+def _trainer(device: torch.device, method: str, out: str) -> tuple[Trainer, dict, torch.Tensor]:
+    audio, visual = _shapes(device)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"audio": torch.randn(BATCH, *audio, generator=g),
+              "visual": torch.randn(BATCH, *visual, generator=g)}
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    data = TensorDataset(inputs, labels)
+    info = DatasetInfo("bench", {"audio": InputSpec("spectrogram", audio),
+                                 "visual": InputSpec("frames", visual)}, CLASSES)
+    cfg = make_config("ogm-ge-cvpr2022", method=method, device=str(device), out=out,
+                      progress=False, tensorboard=False, plots=False, ogm_end=None)
+    trainer = Trainer(cfg, Splits(info, data, data, data))
+    trainer.model.train()
+    return trainer, {m: x.to(device) for m, x in inputs.items()}, labels.to(device)
+
+
+def _original_ogm_ge(model, alpha: float):
+    """OGM-GE after backward as the OGM-GE repository's main.py does it (SPEC P1-P3)."""
+    def after_backward(unimodal, labels, epoch):
+        softmax = torch.nn.Softmax(dim=1)
+        score_a = sum(softmax(unimodal["audio"])[i][labels[i]] for i in range(labels.shape[0]))
+        score_v = sum(softmax(unimodal["visual"])[i][labels[i]] for i in range(labels.shape[0]))
+        ratio_v = score_v / score_a
+        ratio_a = 1 / ratio_v
+        if ratio_v > 1:                                  # host sync
+            coeff_v, coeff_a = 1 - torch.tanh(alpha * F.relu(ratio_v)), 1
+        else:
+            coeff_a, coeff_v = 1 - torch.tanh(alpha * F.relu(ratio_a)), 1
+        for name, p in model.named_parameters():
+            if p.grad is None or p.grad.dim() != 4:
+                continue
+            coeff = coeff_a if name.startswith("encoders.audio") else coeff_v
+            noise = torch.zeros_like(p.grad).normal_(0, p.grad.std().item() + 1e-8)
+            p.grad = p.grad * coeff + noise
+    return after_backward
+
+
+def cases(device: torch.device) -> list[Case]:
+    audio, visual = _shapes(device)
+    shape = (f"AV ResNet-18 step, batch {BATCH}, audio {'x'.join(map(str, audio))}, "
+             f"visual {'x'.join(map(str, visual))}, fp32")
+    out = tempfile.mkdtemp(prefix="fastbml-bench-")
+    result = []
+    for method in ("original", *METHODS):
+        trainer, inputs, labels = _trainer(device, "joint" if method == "original" else method,
+                                           f"{out}/{method}")
+        if method == "original":
+            trainer.methods.after_backward = _original_ogm_ge(trainer.model, trainer.cfg.alpha)
+        impl = ORIGINAL if method == "original" else method
+        result.append(Case("train_step", shape, impl,
+                           lambda t=trainer, x=inputs, y=labels: t.train_step(x, y, epoch=0)))
+    return result
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    times = {}
+    for case in cases(device):
+        times[case.impl] = median(time_case(case, device, repeats=10, warmup=2, budget_s=60))
+    print(f"{device}, {torch.get_num_threads()} threads; median step time, overhead vs joint")
+    for impl, seconds in times.items():
+        print(f"{impl:14s} {seconds * 1e3:9.1f} ms  {100 * (seconds / times['joint'] - 1):+6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
