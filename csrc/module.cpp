@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "feature_drop.h"
+#include "lerp.h"
 #include "scale_noise.h"
 #include "true_class_prob.h"
 
@@ -23,4 +24,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("in_ptrs"), py::arg("out_ptrs"), py::arg("dtype"), py::arg("batch"),
         py::arg("dims"), py::arg("row_strides"), py::arg("q_ptr"), py::arg("threshold"),
         py::arg("seed"), py::arg("mask_seed"), py::arg("weights_ptr"));
+  m.def("multi_tensor_lerp", &fastbml::multi_tensor_lerp, py::call_guard<py::gil_scoped_release>(),
+        py::arg("ptrs"), py::arg("target_ptrs"), py::arg("dtypes"), py::arg("numels"),
+        py::arg("weight_index"), py::arg("weights_ptr"));
 }

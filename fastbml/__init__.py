@@ -4,6 +4,7 @@ from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop_probs
 from .ops.feature_drop import opm_drop
 from .ops.scores import modality_scores
+from .relearn import relearn_strength, soft_reinit_
 from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logits
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "ogm_modulate_",
     "opm_drop",
     "opm_drop_probs",
+    "relearn_strength",
+    "soft_reinit_",
     "sum_unimodal_logits",
     "unimodal_logits",
 ]

@@ -1,0 +1,65 @@
+"""`multi_tensor_lerp_`: x <- x + w * (y - x) over many tensors, w read from a device vector.
+
+Computed in float32 whatever the storage dtype, with torch.lerp's two-sided formula
+(w < 0.5 ? x + w (y - x) : y - (y - x) (1 - w)), so weight 1 gives the target exactly and
+weight 0 leaves finite values bit-identical. The cpp and triton backends skip tensors whose
+weight is exactly 0 altogether (no memory traffic; -0.0 and NaN survive too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..backend import cpp_module, resolve_backend
+from ._multi_tensor import CPP_DTYPE_CODES, ContiguousWork
+
+
+def _torch_impl(tensors, targets, weight_index, weights):
+    per_group = weights.unbind(0)
+    # float32 storage is rewritten in place (.float() returns the tensor itself); bf16/fp16
+    # through a float32 copy, because a tensor weight would be rounded to their dtype.
+    work = [t.float() for t in tensors]
+    torch._foreach_lerp_(work, [t.float() for t in targets], [per_group[g] for g in weight_index])
+    narrow = [(t, w) for t, w in zip(tensors, work) if w is not t]
+    if narrow:
+        originals, results = zip(*narrow)
+        torch._foreach_copy_(list(originals), list(results))
+
+
+def _cpp_impl(tensors, targets, weight_index, weights):
+    work = ContiguousWork(tensors)
+    targets = [t.contiguous() for t in targets]  # kept alive across the call
+    cpp_module().multi_tensor_lerp(
+        [t.data_ptr() for t in work.tensors], [t.data_ptr() for t in targets],
+        [CPP_DTYPE_CODES[t.dtype] for t in work.tensors], [t.numel() for t in work.tensors],
+        weight_index, weights.data_ptr())
+    work.write_back()
+
+
+def _triton_impl(tensors, targets, weight_index, weights):
+    from ..kernels.lerp import multi_tensor_lerp_ as launch
+
+    work = ContiguousWork(tensors)
+    launch(work.tensors, [t.contiguous() for t in targets], weight_index, weights)
+    work.write_back()
+
+
+_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+
+
+def multi_tensor_lerp_(tensors: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                       weight_index: Sequence[int], weights: torch.Tensor, *,
+                       backend: str = "auto") -> None:
+    """In place: tensors[t] <- lerp(tensors[t], targets[t], weights[weight_index[t]]).
+
+    Arguments are trusted (validated by the caller): floating tensors on one device, each target
+    of its tensor's shape and dtype, `weights` a floating vector on that device. No host sync.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return
+    weights = weights.to(torch.float32).contiguous()
+    impl = resolve_backend(backend, tensors[0].device)
+    _IMPLS[impl](tensors, list(targets), list(weight_index), weights)

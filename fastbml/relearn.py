@@ -1,0 +1,169 @@
+"""D&R re-learning (Diagnosing & Re-learning, ECCV 2024; SPEC §3).
+
+Every few epochs D&R diagnoses how much each modality's encoder has over-fitted (the gap between
+the cluster purity of its features on train and on held-out data) and pulls that encoder back
+toward its initial weights by a strength that grows with the gap:
+
+    a_m = tanh(lam * |P_m(train) - P_m(val)|),    theta <- (1 - a_m) theta + a_m theta_init
+
+for every parameter of encoder m (BN gamma/beta included; buffers, the fusion head and the
+optimizer state are left alone). The re-initialisation is one multi-tensor lerp per call, with
+the strengths read from device memory: no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .ops._multi_tensor import FLOAT_DTYPES
+from .ops.lerp import multi_tensor_lerp_
+
+Number = int | float
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def relearn_strength(purity_train: Number | torch.Tensor, purity_val: Number | torch.Tensor,
+                     lam: float = 3.0) -> float | torch.Tensor:
+    """Re-initialisation strength a = tanh(lam * |purity_train - purity_val|) (SPEC §3.2).
+
+    Python numbers give a float (purities checked to lie in [0, 1]); if either purity is a
+    tensor the result is a tensor on its device, computed without a host sync (unchecked).
+    """
+    if not _is_number(lam) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    for name, value in (("purity_train", purity_train), ("purity_val", purity_val)):
+        if isinstance(value, torch.Tensor):
+            if not value.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        elif not _is_number(value):
+            raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+        elif not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    gap = purity_train - purity_val
+    if isinstance(gap, torch.Tensor):
+        return torch.tanh(lam * gap.abs())
+    return math.tanh(lam * abs(gap))
+
+
+def _pairs(params, init_params) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]], bool]:
+    """(param groups, init groups, grouped?): a flat list becomes one group."""
+    for name, value in (("params", params), ("init_params", init_params)):
+        if isinstance(value, (torch.Tensor, str)) or not isinstance(value, Iterable):
+            raise TypeError(f"{name} must be a sequence of tensors (one encoder) or of such "
+                            f"sequences (one per modality), got {type(value).__name__}")
+    params, init_params = list(params), list(init_params)
+    if len(params) != len(init_params):
+        raise ValueError(f"params has {len(params)} entries but init_params {len(init_params)}")
+    if not params:
+        return [], [], False
+    if isinstance(params[0], torch.Tensor):
+        return [params], [init_params], False
+    groups, inits = [], []
+    for m, (group, init) in enumerate(zip(params, init_params)):
+        for name, value in ((f"params[{m}]", group), (f"init_params[{m}]", init)):
+            if isinstance(value, (torch.Tensor, str)) or not isinstance(value, Iterable):
+                raise TypeError(f"{name} must be a sequence of tensors (params is a list of "
+                                f"per-modality lists), got {type(value).__name__}")
+        groups.append(list(group))
+        inits.append(list(init))
+        if len(groups[-1]) != len(inits[-1]):
+            raise ValueError(f"params[{m}] has {len(groups[-1])} tensors but init_params[{m}] "
+                             f"{len(inits[-1])}")
+    return groups, inits, True
+
+
+def _check_strength(strength, n_groups: int, grouped: bool) -> torch.Tensor | list[float]:
+    """The strengths as Python floats (checked here) or a tensor [n_groups] (checked later)."""
+    if isinstance(strength, torch.Tensor):
+        if not strength.dtype.is_floating_point:
+            raise TypeError(f"strength must be a floating-point tensor, got {strength.dtype}")
+        expected = (n_groups,) if grouped else ()
+        if strength.shape != expected:
+            what = "one strength per group" if grouped else "a 0-dim tensor for a flat list"
+            raise ValueError(f"strength must have shape {list(expected)} ({what}), got "
+                             f"{list(strength.shape)}")
+        return strength.detach().reshape(-1)
+    if grouped:
+        if isinstance(strength, str) or not isinstance(strength, Sequence):
+            raise TypeError(f"strength must be a sequence or 1-D tensor with one value per group "
+                            f"of params, got {type(strength).__name__}")
+        if len(strength) != n_groups:
+            raise ValueError(f"strength has {len(strength)} values for {n_groups} groups of params")
+        values, names = list(strength), [f"strength[{m}]" for m in range(n_groups)]
+    else:
+        values, names = [strength], ["strength"]
+    for name, value in zip(names, values):
+        if not _is_number(value):
+            raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return [float(v) for v in values]
+
+
+def _check_range_on_device(weights: torch.Tensor) -> None:
+    lo, hi = torch.aminmax(weights)  # NaN propagates into both and fails either check
+    if weights.device.type == "cpu":
+        if not (float(lo) >= 0.0 and float(hi) <= 1.0):
+            raise ValueError("strength must lie in [0, 1], got values outside it")
+    elif weights.device.type == "cuda":  # checked on device: no host sync
+        torch._assert_async((lo >= 0) & (hi <= 1), "fastbml: strength must lie in [0, 1]")
+
+
+def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.Tensor, *,
+                 backend: str = "auto") -> None:
+    """D&R's soft re-initialisation, in place: theta <- (1 - a) theta + a theta_init (SPEC §3.3).
+
+    `params` is one encoder's parameters (a sequence of tensors, `strength` a number or 0-dim
+    tensor) or one such sequence per modality (`strength` then a sequence or 1-D tensor with one
+    value per group); `init_params` has the same structure, each tensor of its parameter's
+    shape, dtype and device (e.g. clones taken right after construction). a lies in [0, 1]:
+    0 leaves the parameters bit-identical, 1 restores the initial values exactly. Computed in
+    float32 whatever the storage dtype; gradients are not tracked; empty lists are a no-op.
+    Strength tensors are range checked on the device, without a host sync.
+    """
+    groups, inits, grouped = _pairs(params, init_params)
+    if not groups:
+        return
+    weights = _check_strength(strength, len(groups), grouped)
+    tensors, targets, weight_index, seen = [], [], [], set()
+    for m, (group, init) in enumerate(zip(groups, inits)):
+        for j, (p, p0) in enumerate(zip(group, init)):
+            where = f"[{m}][{j}]" if grouped else f"[{j}]"
+            for name, value in (("params", p), ("init_params", p0)):
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{name}{where} must be a tensor, got {type(value).__name__}")
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"params{where} must be float32, bfloat16 or float16, got "
+                                f"{p.dtype}")
+            if p0.shape != p.shape:
+                raise ValueError(f"init_params{where} has shape {list(p0.shape)} but params{where} "
+                                 f"{list(p.shape)}")
+            if p0.dtype != p.dtype or p0.device != p.device:
+                raise ValueError(f"init_params{where} is {p0.dtype} on {p0.device} but params{where} "
+                                 f"{p.dtype} on {p.device}")
+            if tensors and p.device != tensors[0].device:
+                raise ValueError(f"params{where} is on {p.device} but the first parameter on "
+                                 f"{tensors[0].device}")
+            if id(p) in seen:
+                raise ValueError(f"params{where} appears more than once")
+            seen.add(id(p))
+            tensors.append(p.detach())
+            targets.append(p0.detach())
+            weight_index.append(m)
+    if not tensors:
+        return
+    device = tensors[0].device
+    if isinstance(weights, torch.Tensor):
+        if weights.device != device:
+            raise ValueError(f"strength is on {weights.device} but params on {device}")
+        _check_range_on_device(weights)
+    else:
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        multi_tensor_lerp_(tensors, targets, weight_index, weights, backend=backend)
