@@ -65,7 +65,8 @@ void multi_tensor_lerp(const std::vector<uintptr_t>& ptrs,
   for (int64_t t = 0; t < n_tensors; ++t) {
     dtype[t] = dtype_from_code(dtypes[t]);
     if (weights[weight_index[t]] == 0.0f) continue;  // identity: no traffic at all
-    for (int64_t b = 0; b < numels[t]; b += kChunk) chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
+    for (int64_t b = 0; b < numels[t]; b += kChunk)
+      chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
     elements += numels[t];
   }
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());

@@ -145,8 +145,8 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
                 raise ValueError(f"init_params{where} has shape {list(p0.shape)} but params{where} "
                                  f"{list(p.shape)}")
             if p0.dtype != p.dtype or p0.device != p.device:
-                raise ValueError(f"init_params{where} is {p0.dtype} on {p0.device} but params{where} "
-                                 f"{p.dtype} on {p.device}")
+                raise ValueError(f"init_params{where} is {p0.dtype} on {p0.device} but "
+                                 f"params{where} {p.dtype} on {p.device}")
             if tensors and p.device != tensors[0].device:
                 raise ValueError(f"params{where} is on {p.device} but the first parameter on "
                                  f"{tensors[0].device}")
