@@ -1,4 +1,8 @@
-"""Command line: `fastbml train ...` and `fastbml demo [--quick] [--out DIR]` (also `python -m fastbml`)."""
+"""Command line: `fastbml train ...` and `fastbml demo [--quick] [--out DIR]` (also `python -m fastbml`).
+
+`torchrun --nproc_per_node=N -m fastbml train ...` trains with DDP on N processes (README,
+"Multi-GPU and multi-node"); --batch-size is per process.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,11 @@ _HELP = {
     "warmup_epochs": "no OGM/OPM before this epoch (T-PAMI uses 6)",
     "dr_every": "D&R: re-learn after every this many epochs", "dr_times": "D&R: how many times",
     "dr_lambda": "D&R lambda", "dr_clusters": "D&R k-means clusters (default: classes)",
-    "device": "auto, cpu, cuda or cuda:N", "workers": "DataLoader worker processes",
+    "batch_size": "batch size per process (under torchrun the global batch is world size x this)",
+    "device": "auto, cpu, cuda or cuda:N (under torchrun auto/cuda mean cuda:LOCAL_RANK)",
+    "dist_backend": "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on "
+                    "CPU), nccl or gloo",
+    "workers": "DataLoader worker processes",
     "threads": "torch CPU threads", "backend": "fastbml kernel backend: auto, torch, cpp, triton",
     "out": "run directory (logs, checkpoints, plots)",
 }
@@ -90,17 +98,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntest accuracy (model chosen on val); {time.perf_counter() - started:.0f} s; "
               f"results.json and comparison.png in {args.out}")
         return 0
-    from .train.engine import Trainer
+    import torch.distributed as dist
+
+    from .train.engine import Trainer, setup_distributed
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "preset", "resume")}
     values["dataset_options"] = dict(values["dataset_options"] or [])
+    created, rank = False, 0
     try:
         cfg = make_config(args.preset, **values)
+        created = setup_distributed(cfg.device, cfg.dist_backend)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         summary = Trainer(cfg, resume=args.resume).fit()
     except (ValueError, FileNotFoundError) as exc:
-        print(f"fastbml train: error: {exc}", file=sys.stderr)
+        where = f" (rank {rank})" if created else ""
+        print(f"fastbml train{where}: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step")
 AMP_MODES = ("none", "bf16", "fp16")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -59,13 +60,15 @@ class TrainConfig:
     workers: int = 0
     threads: int | None = None   # torch intra-op threads on CPU (None: torch's default)
     backend: str = "auto"
+    dist_backend: str = "auto"  # torchrun launches: nccl on CUDA, gloo on CPU
     out: str = "runs/train"
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
 
     def __post_init__(self):
-        choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "amp": AMP_MODES}
+        choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "amp": AMP_MODES,
+                   "dist_backend": DIST_BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

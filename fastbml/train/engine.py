@@ -6,6 +6,13 @@ test once at the end: model selection never looks at test. Every epoch's shuffle
 (seed, epoch) and the checkpoint carries model, optimiser, scheduler, AMP scaler, method state
 and the global RNG, so a resumed run continues exactly as an uninterrupted one (bit-identical on
 CPU).
+
+Under DDP (`torchrun ... -m fastbml train`, or any initialised process group of 2+ ranks) the
+model runs inside DistributedDataParallel, every rank trains on its shard of each epoch's
+permutation (`cfg.batch_size` per rank: the global batch is world x batch_size), evaluation is
+sharded and gathered so the metrics are those of the whole split, and rank 0 alone writes logs,
+plots and checkpoints. Checkpoints hold no world-size-dependent state: a run resumes on any
+number of ranks. With one process none of this runs (no wrapper, no collective).
 """
 
 from __future__ import annotations
@@ -16,10 +23,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
-from .. import rng
+from .. import distributed, rng
 from ..data import Splits, TensorDataset, load_dataset
 from ..models import build_model
 from .config import TrainConfig, config_dict
@@ -32,9 +50,24 @@ BEST = "checkpoint_best.pt"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Settings that may differ between ranks (paths, local resources); everything else must agree.
+_RANK_LOCAL = ("out", "data_root", "device", "threads", "workers", "progress")
+
+
+def _local_rank() -> int:
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return dist.get_rank() % max(torch.cuda.device_count(), 1)
+
+
 def resolve_device(device: str) -> torch.device:
+    """The device of this process; under torch.distributed "auto" and "cuda" mean cuda:LOCAL_RANK."""
+    ranked = dist.is_available() and dist.is_initialized()
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and ranked and torch.cuda.is_available():
+        device = f"cuda:{_local_rank()}"
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
@@ -42,6 +75,120 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+def setup_distributed(device: str = "auto", backend: str = "auto") -> bool:
+    """Join the process group that `torchrun` describes in the environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); True when this call created it.
+
+    Nothing happens when a group is already initialised or the variables are absent (a plain
+    single-process run). backend "auto" is nccl when this rank trains on CUDA, else gloo; on
+    CUDA the process's device is set to cuda:LOCAL_RANK first. Any failure is a ValueError that
+    says what to fix.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return False
+    present = [k for k in _TORCHRUN_ENV if k in os.environ]
+    if "RANK" not in present and "WORLD_SIZE" not in present:
+        return False
+    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise ValueError(f"distributed launch: {', '.join(present)} set but {', '.join(missing)} "
+                         "missing; launch with torchrun (it sets them all), or unset RANK and "
+                         "WORLD_SIZE for a single-process run")
+    if not dist.is_available():
+        raise ValueError("distributed launch: this PyTorch build has no torch.distributed")
+    try:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError as exc:
+        raise ValueError(f"distributed launch: RANK, WORLD_SIZE, LOCAL_RANK must be integers "
+                         f"({exc})") from None
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ValueError(f"distributed launch: device {device!r} but CUDA is not available")
+        if device in ("auto", "cuda"):
+            if local >= torch.cuda.device_count():
+                raise ValueError(f"distributed launch: LOCAL_RANK {local} but this node has "
+                                 f"{torch.cuda.device_count()} GPUs; use --nproc_per_node <= "
+                                 "the number of GPUs")
+            torch.cuda.set_device(local)
+        else:
+            torch.cuda.set_device(torch.device(device))
+    elif backend == "nccl":
+        raise ValueError("distributed launch: the nccl backend needs CUDA devices; use "
+                         "--dist-backend gloo to train on CPU")
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    except Exception as exc:  # rendezvous errors come as RuntimeError, DistNetworkError, ...
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise ValueError(f"distributed launch: could not set up the {backend} process group "
+                         f"(rank {rank} of {world}, master {where}): {type(exc).__name__}: "
+                         f"{exc}") from exc
+    return True
+
+
+class _ShardSampler(DistributedSampler):
+    """This rank's share of the epoch's permutation, drawn from (seed, epoch) like the
+    single-process loader: rank r takes positions r, r + W, ... of the permutation (padded by
+    wrapping so every rank has the same number of batches). So step b's global batch is batch b
+    of a single-process run with batch size W x batch_size, and no state but (seed, epoch)."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        g = torch.Generator().manual_seed(rng.step_seed(self.seed, self.epoch))
+        order = torch.randperm(n, generator=g).tolist()
+        if self.drop_last:
+            order = order[:self.total_size]
+        else:
+            order += (order * (self.total_size // max(n, 1) + 1))[:self.total_size - n]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+
+def _broadcast_(tensors: list[torch.Tensor], group: object | None = None) -> None:
+    """Overwrite `tensors` with rank 0's values: one broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, src=0, group=group)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Rows r, r + W, ... of an [n, ...] tensor live on rank r: all of it, in order, on every rank."""
+    size = -(-n // world)
+    padded = local.new_zeros((size, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    everyone = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(everyone, padded)
+    out = local.new_empty((n, *local.shape[1:]))
+    for r in range(world):
+        out[r::world] = everyone[r][:len(range(r, n, world))]
+    return out
+
+
+class _TrainForward(nn.Module):
+    """The training forward (encoders, OPM, fusion head) as one module, for DDP to wrap: its
+    only submodule is the model, so DDP sees (and all-reduces) exactly the model's gradients."""
+
+    def __init__(self, model: nn.Module, methods: MethodStack):
+        super().__init__()
+        self.model = model
+        self.methods = methods  # not a Module: OPM's state stays out of DDP's view
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, epoch: int):
+        model = self.model
+        features = model.encode(inputs)
+        unimodal = model.head.unimodal_logits(features)
+        fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
+        return model.head(fused_in), unimodal, weights
 
 
 def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -72,7 +219,20 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, splits: Splits | None = None, *, resume: bool = False):
         self.cfg = cfg
+        self.created_group = setup_distributed(cfg.device, cfg.dist_backend)
+        ranked = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if ranked else 0
+        self.world = dist.get_world_size() if ranked else 1
+        self.distributed = self.world > 1
+        self.is_main = self.rank == 0
         self.device = resolve_device(cfg.device)
+        if self.distributed:
+            backend = dist.get_backend()
+            if backend == "nccl" and self.device.type != "cuda":
+                raise ValueError(f"the process group uses nccl but this rank trains on "
+                                 f"{self.device}; use --dist-backend gloo for CPU training")
+            shared = {k: v for k, v in config_dict(cfg).items() if k not in _RANK_LOCAL}
+            distributed.check_same_on_all_ranks(shared, dist.group.WORLD, "fastbml train")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -94,31 +254,54 @@ class Trainer:
         self.amp_dtype = _AMP_DTYPES.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.run_dir = Path(cfg.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.loader_gen = torch.Generator()
+        self.train_sampler: _ShardSampler | None = None
         self.train_loader = self._loader(self.splits.train, shuffle=True)
         self.start_epoch, self.best, self.seconds = 0, None, 0.0
         history = None
         if resume:
             history = self._load_checkpoint()
-        else:
+        elif self.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
-        self.logger = RunLogger(self.run_dir, history, tensorboard=cfg.tensorboard)
+        # The training forward; wrapped in DDP (which broadcasts rank 0's state) only when
+        # there is more than one rank, so a single process runs exactly the plain module.
+        forward = _TrainForward(self.model, self.methods)
+        self.ddp: DistributedDataParallel | None = None
+        if self.distributed:
+            self.ddp = DistributedDataParallel(
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._forward = forward.forward if self.ddp is None else self.ddp
+        self.logger = RunLogger(self.run_dir, history, tensorboard=cfg.tensorboard,
+                                write=self.is_main)
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
-        """Batches of `dataset`; in-memory datasets are indexed a whole batch at a time."""
+        """Batches of `dataset` (this rank's share under DDP: the epoch's shuffled shard when
+        training, rows rank, rank + W, ... when evaluating); in-memory datasets are indexed a
+        whole batch at a time."""
+        cfg = self.cfg
         cuda = self.device.type == "cuda"
-        drop_last = shuffle and self.cfg.drop_last
+        drop_last = shuffle and cfg.drop_last
+        sampler = None
+        if self.distributed and shuffle:
+            sampler = self.train_sampler = _ShardSampler(
+                dataset, num_replicas=self.world, rank=self.rank, seed=cfg.seed)
+        elif self.distributed:
+            shard = range(self.rank, len(dataset), self.world)
+            sampler = list(shard)
+            if not isinstance(dataset, TensorDataset):
+                dataset, sampler = Subset(dataset, list(shard)), None
         if isinstance(dataset, TensorDataset):
-            sampler = (RandomSampler(dataset, generator=self.loader_gen) if shuffle
-                       else SequentialSampler(dataset))
-            return DataLoader(dataset, sampler=BatchSampler(sampler, self.cfg.batch_size,
-                                                            drop_last),
+            if sampler is None:
+                sampler = (RandomSampler(dataset, generator=self.loader_gen) if shuffle
+                           else SequentialSampler(dataset))
+            return DataLoader(dataset, sampler=BatchSampler(sampler, cfg.batch_size, drop_last),
                               batch_size=None, pin_memory=cuda)
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=self.cfg.workers, pin_memory=cuda,
-                          generator=self.loader_gen if shuffle else None)
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, drop_last=drop_last, num_workers=cfg.workers,
+                          pin_memory=cuda, generator=self.loader_gen if shuffle else None)
 
     # ---------------------------------------------------------------- train / eval
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -126,10 +309,14 @@ class Trainer:
         self.model.train()
         self.methods.train(True)
         self.loader_gen.manual_seed(rng.step_seed(cfg.seed, epoch))
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
+            # workers' base seed (augmentation): a different stream on every rank
+            self.loader_gen.manual_seed(rng.step_seed(rng.step_seed(cfg.seed, epoch), self.rank))
         loss_sum = torch.zeros((), device=self.device)
         n_seen = 0
         batches = self.train_loader
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
@@ -140,6 +327,17 @@ class Trainer:
             n_seen += labels.shape[0]
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.distributed:
+            # one collective: the loss over every rank's samples
+            totals = torch.stack([loss_sum.double(), torch.tensor(float(n_seen), dtype=torch.float64,
+                                                                  device=self.device)])
+            dist.all_reduce(totals)
+            loss_sum, n_seen = totals[0], int(totals[1])
+            # DDP broadcasts buffers (BatchNorm statistics) from rank 0 before each forward, so
+            # after the last step they differ: take rank 0's for evaluation and the checkpoint.
+            buffers = list(self.model.buffers())
+            if buffers:
+                _broadcast_(buffers)
         return {"train_loss": float(loss_sum) / max(n_seen, 1), **self.methods.epoch_logs()}
 
     def train_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -148,10 +346,7 @@ class Trainer:
         model = self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            features = model.encode(inputs)
-            unimodal = model.head.unimodal_logits(features)
-            fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
-            logits = model.head(fused_in)
+            logits, unimodal, weights = self._forward(inputs, labels, epoch)
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum()
         aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
@@ -171,8 +366,13 @@ class Trainer:
         return loss.detach()
 
     @torch.no_grad()
-    def _outputs(self, dataset: Dataset):
-        """Fused logits, labels, uni-modal logits and pooled features over a split (eval mode)."""
+    def _outputs(self, dataset: Dataset, *, gather: bool = True):
+        """Fused logits, labels, uni-modal logits and pooled features over a split (eval mode).
+
+        Under DDP each rank runs rows rank, rank + W, ... of the split; with `gather` the
+        logits and labels of all ranks are gathered back into split order (the features, for
+        D&R, always stay this rank's shard).
+        """
         self.model.eval()
         logits, labels = [], []
         unimodal = {m: [] for m in self.modalities}
@@ -186,18 +386,39 @@ class Trainer:
             for m in self.modalities:
                 unimodal[m].append(out.unimodal[m].float())
                 features[m].append(out.features[m].float())
+        if not labels:  # an empty shard (fewer rows than ranks)
+            c = self.splits.info.num_classes
+            logits.append(torch.zeros(0, c, device=self.device))
+            labels.append(torch.zeros(0, dtype=torch.long, device=self.device))
+            for m in self.modalities:
+                unimodal[m].append(torch.zeros(0, c, device=self.device))
+                features[m].append(torch.zeros(0, self.model.encoders[m].out_dim,
+                                               device=self.device))
         cat = torch.cat
-        return (cat(logits), cat(labels), {m: cat(v) for m, v in unimodal.items()},
-                {m: cat(v) for m, v in features.items()})
+        logits, labels = cat(logits), cat(labels)
+        unimodal = {m: cat(v) for m, v in unimodal.items()}
+        features = {m: cat(v) for m, v in features.items()}
+        if self.distributed and gather:
+            # one all-gather: [fused | uni-modal ... | label] rows (labels exact in float32)
+            packed = cat([logits, *unimodal.values(), labels[:, None].float()], dim=1)
+            packed = _gather_rows(packed, len(dataset), self.world)
+            parts = packed.split([logits.shape[1], *(u.shape[1] for u in unimodal.values()), 1],
+                                 dim=1)
+            logits, labels = parts[0], parts[-1][:, 0].long()
+            unimodal = dict(zip(unimodal, parts[1:-1]))
+        return logits, labels, unimodal, features
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        """acc, macro_f1, map and per-modality acc of the current model on `dataset`."""
+        """acc, macro_f1, map and per-modality acc of the current model on `dataset` (under DDP
+        a collective: every rank calls it and gets the metrics of the whole split)."""
         logits, labels, unimodal, _ = self._outputs(dataset)
         return classification_metrics(logits, labels, unimodal)
 
     def _feature_fn(self, dataset: Dataset):
+        """D&R's feature extractor: pooled features and labels of this rank's shard of `dataset`
+        (the whole split with one process)."""
         def extract() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-            _, labels, _, features = self._outputs(dataset)
+            _, labels, _, features = self._outputs(dataset, gather=False)
             return features, labels
         return extract
 
@@ -218,35 +439,48 @@ class Trainer:
             self.seconds += record["seconds"]
             if self.best is None or record["val_acc"] > self.best["val_acc"]:
                 self.best = {"epoch": epoch, "val_acc": record["val_acc"]}
-                torch.save({"model": self.model.state_dict(), "epoch": epoch},
-                           self.run_dir / BEST)
+                if self.is_main:
+                    torch.save({"model": self.model.state_dict(), "epoch": epoch},
+                               self.run_dir / BEST)
             self.logger.log(record)
             self.start_epoch = epoch + 1
-            self._save_checkpoint()
+            if self.is_main:
+                self._save_checkpoint()
         if self.start_epoch < cfg.epochs:
             self.logger.close()
+            if self.distributed:
+                dist.barrier()
             return {}
         return self._finish()
 
     def _finish(self) -> dict:
-        if self.cfg.plots and self.logger.history:
+        if self.cfg.plots and self.logger.history and self.is_main:
             plot_history(self.logger.history, self.modalities, self.run_dir / "curves.png")
-        best = torch.load(self.run_dir / BEST, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(best["model"])
-        val_record = self.logger.history[best["epoch"] - self.logger.history[0]["epoch"]]
+        if self.is_main:
+            best = torch.load(self.run_dir / BEST, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(best["model"])
+        if self.distributed:  # rank 0 read the best model: every rank evaluates it on test
+            _broadcast_(list(self.model.state_dict().values()))
+        best_epoch = self.best["epoch"]
+        val_record = self.logger.history[best_epoch - self.logger.history[0]["epoch"]]
         summary = {
             "dataset": self.cfg.dataset, "method": self.cfg.method, "fusion": self.cfg.fusion,
-            "best_epoch": best["epoch"],
+            "best_epoch": best_epoch,
             "val": {k[4:]: v for k, v in val_record.items() if k.startswith("val_")},
             "test": self.evaluate(self.splits.test),
             "train_seconds": self.seconds,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.logger.close()
+        if self.distributed:  # when fit() returns, rank 0's files are complete on every rank
+            dist.barrier()
         return summary
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
+        """Rank 0 writes it; all of it is replicated on the ranks (model, optimiser, method
+        state, history), the data order comes from (seed, epoch): any world size can resume."""
         state = {
             "epoch": self.start_epoch,
             "model": self.model.state_dict(),
@@ -260,6 +494,7 @@ class Trainer:
             "seconds": self.seconds,
             "history": self.logger.history,
             "config": config_dict(self.cfg),
+            "world_size": self.world,
         }
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -267,9 +502,19 @@ class Trainer:
 
     def _load_checkpoint(self) -> list[dict]:
         path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state: dict | str
+        if self.is_main:
+            if path.is_file():
+                # on the CPU (the RNG state must be there; load_state_dict moves the rest)
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            else:
+                state = f"--resume: no checkpoint at {path}"
+        if self.distributed:  # rank 0 reads it: the other nodes need not see the file
+            box = [state if self.is_main else None]
+            dist.broadcast_object_list(box, src=0, device=self.device)
+            state = box[0]
+        if isinstance(state, str):
+            raise FileNotFoundError(state)
         saved = state["config"]
         for key in ("dataset", "method", "fusion", "seed", "modalities"):
             if saved[key] != getattr(self.cfg, key):

@@ -19,13 +19,17 @@ def _summary_writer(path: Path):
 
 
 class RunLogger:
-    """Appends one record per epoch to metrics.csv / metrics.json (and TensorBoard under tb/)."""
+    """Appends one record per epoch to metrics.csv / metrics.json (and TensorBoard under tb/).
+
+    With `write=False` (DDP ranks other than 0) it only keeps the history in memory.
+    """
 
     def __init__(self, run_dir: Path, history: list[dict] | None = None, *,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, write: bool = True):
         self.run_dir = run_dir
         self.history: list[dict] = list(history or [])
-        self.writer = _summary_writer(run_dir / "tb") if tensorboard else None
+        self.write = write
+        self.writer = _summary_writer(run_dir / "tb") if tensorboard and write else None
 
     def log(self, record: dict) -> None:
         self.history.append(record)
@@ -34,7 +38,8 @@ class RunLogger:
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
             self.writer.flush()
-        self._write()
+        if self.write:
+            self._write()
 
     def _write(self) -> None:
         (self.run_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
