@@ -4,6 +4,7 @@ from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop_probs
 from .ops.feature_drop import opm_drop
 from .ops.scores import modality_scores
+from .purity import cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logits
 
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OGM",
     "OPM",
+    "cluster_purity",
     "concat_unimodal_logits",
     "modality_scores",
     "ogm_coefficients",
