@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -106,6 +107,24 @@ def _check_strength(strength, n_groups: int, grouped: bool) -> torch.Tensor | li
     return [float(v) for v in values]
 
 
+def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
+    """Raises the error that says why params{where} / init_params{where} cannot be used."""
+    for name, value in (("params", p), ("init_params", p0)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}{where} must be a tensor, got {type(value).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"params{where} must be float32, bfloat16 or float16, got {p.dtype}")
+    if p0.shape != p.shape:
+        raise ValueError(f"init_params{where} has shape {list(p0.shape)} but params{where} "
+                         f"{list(p.shape)}")
+    if p0.dtype != p.dtype or p0.device != p.device:
+        raise ValueError(f"init_params{where} is {p0.dtype} on {p0.device} but params{where} "
+                         f"{p.dtype} on {p.device}")
+    if p.device != device:
+        raise ValueError(f"params{where} is on {p.device} but the first parameter on {device}")
+    raise ValueError(f"params{where} appears more than once")
+
+
 def _check_range_on_device(weights: torch.Tensor) -> None:
     lo, hi = torch.aminmax(weights)  # NaN propagates into both and fails either check
     if weights.device.type == "cpu":
@@ -131,39 +150,32 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     if not groups:
         return
     weights = _check_strength(strength, len(groups), grouped)
+    first = next((p for group in groups for p in group), None)
+    device = first.device if isinstance(first, torch.Tensor) else None
     tensors, targets, weight_index, seen = [], [], [], set()
     for m, (group, init) in enumerate(zip(groups, inits)):
         for j, (p, p0) in enumerate(zip(group, init)):
-            where = f"[{m}][{j}]" if grouped else f"[{j}]"
-            for name, value in (("params", p), ("init_params", p0)):
-                if not isinstance(value, torch.Tensor):
-                    raise TypeError(f"{name}{where} must be a tensor, got {type(value).__name__}")
-            if p.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"params{where} must be float32, bfloat16 or float16, got "
-                                f"{p.dtype}")
-            if p0.shape != p.shape:
-                raise ValueError(f"init_params{where} has shape {list(p0.shape)} but params{where} "
-                                 f"{list(p.shape)}")
-            if p0.dtype != p.dtype or p0.device != p.device:
-                raise ValueError(f"init_params{where} is {p0.dtype} on {p0.device} but "
-                                 f"params{where} {p.dtype} on {p.device}")
-            if tensors and p.device != tensors[0].device:
-                raise ValueError(f"params{where} is on {p.device} but the first parameter on "
-                                 f"{tensors[0].device}")
-            if id(p) in seen:
-                raise ValueError(f"params{where} appears more than once")
+            # One cheap test per pair (this runs for every parameter of every encoder); the
+            # detailed checks only to say what is wrong.
+            if not (isinstance(p, torch.Tensor) and isinstance(p0, torch.Tensor)
+                    and p.dtype in FLOAT_DTYPES and p0.dtype == p.dtype
+                    and p0.shape == p.shape and p.device == device and p0.device == device
+                    and id(p) not in seen):
+                _reject_pair(f"[{m}][{j}]" if grouped else f"[{j}]", p, p0, device)
             seen.add(id(p))
-            tensors.append(p.detach())
-            targets.append(p0.detach())
+            tensors.append(p)
+            targets.append(p0)
             weight_index.append(m)
     if not tensors:
         return
-    device = tensors[0].device
     if isinstance(weights, torch.Tensor):
         if weights.device != device:
             raise ValueError(f"strength is on {weights.device} but params on {device}")
         _check_range_on_device(weights)
     else:
-        weights = torch.tensor(weights, dtype=torch.float32, device=device)
-    with torch.no_grad():
+        weights = torch.tensor(weights, dtype=torch.float32)
+        if device.type == "cuda":  # a blocking copy would wait for the queued work
+            weights = weights.pin_memory()
+        weights = weights.to(device, non_blocking=True)
+    with torch.no_grad():  # in place on the parameters themselves, untracked
         multi_tensor_lerp_(tensors, targets, weight_index, weights, backend=backend)
