@@ -142,7 +142,8 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     tensor) or one such sequence per modality (`strength` then a sequence or 1-D tensor with one
     value per group); `init_params` has the same structure, each tensor of its parameter's
     shape, dtype and device (e.g. clones taken right after construction). a lies in [0, 1]:
-    0 leaves the parameters bit-identical, 1 restores the initial values exactly. Computed in
+    0 leaves the parameters unchanged (bit-identical on the cpp and triton backends, which skip
+    them; the torch path may turn -0.0 into +0.0), 1 restores the initial values. Computed in
     float32 whatever the storage dtype; gradients are not tracked; empty lists are a no-op.
     Strength tensors are range checked on the device, without a host sync.
     """

@@ -1,9 +1,10 @@
 """`multi_tensor_lerp_`: x <- x + w * (y - x) over many tensors, w read from a device vector.
 
 Computed in float32 whatever the storage dtype, with torch.lerp's two-sided formula
-(w < 0.5 ? x + w (y - x) : y - (y - x) (1 - w)), so weight 1 gives the target exactly and
-weight 0 leaves finite values bit-identical. The cpp and triton backends skip tensors whose
-weight is exactly 0 altogether (no memory traffic; -0.0 and NaN survive too).
+(w < 0.5 ? x + w (y - x) : y - (y - x) (1 - w)), so weight 1 gives the target's values exactly
+and weight 0 leaves finite values unchanged (the torch path may turn -0.0 into +0.0). The cpp
+and triton backends skip tensors whose weight is exactly 0 altogether: no memory traffic, and
+the bits stay as they were (-0.0, and x where the target holds NaN, included).
 """
 
 from __future__ import annotations
