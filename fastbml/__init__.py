@@ -1,5 +1,6 @@
 """fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning)."""
 
+from .diagnose_relearn import DiagnoseRelearn
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop_probs
 from .ops.feature_drop import opm_drop
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OGM",
     "OPM",
+    "DiagnoseRelearn",
     "cluster_purity",
     "concat_unimodal_logits",
     "modality_scores",
