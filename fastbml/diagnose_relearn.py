@@ -133,6 +133,7 @@ class DiagnoseRelearn:
         if held_out_split == "test" or getattr(held_out, "split", None) == "test":
             raise ValueError("held_out must not be the test split: D&R diagnoses on data held "
                              "out from training but disjoint from the test set (SPEC P31)")
+        self._sync_snapshot()  # at the first step, before any rank can start a collective alone
         if not self.due(epoch):
             return None
         report = self.diagnose(train, held_out)
