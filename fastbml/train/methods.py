@@ -73,7 +73,7 @@ class MethodStack:
             self.dr = fastbml.DiagnoseRelearn(
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
                 times=cfg.dr_times, lam=cfg.dr_lambda,
-                n_clusters=cfg.dr_clusters or num_classes)
+                n_clusters=cfg.dr_clusters or num_classes, seed=seed, backend=cfg.backend)
         self.modalities = modalities
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
