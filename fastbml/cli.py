@@ -18,7 +18,7 @@ from .train.config import AMP_MODES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfi
 
 _HELP = {
     "dataset": f"dataset name: {', '.join(dataset_names())}",
-    "data_root": "directory holding the dataset (its layout: docs/datasets.md)",
+    "data_root": "directory holding the dataset (its layout: README.md, Datasets)",
     "method": "joint, ogm, ogm-ge, opm, dr, or a combination joined by '+' (e.g. opm+ogm-ge)",
     "fusion": f"fusion head: {', '.join(FUSIONS)}",
     "init": "reference init: ogm (OGM-GE / T-PAMI global re-init) or dr (D&R: ResNet's own)",
