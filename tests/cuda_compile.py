@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastbml.kernels import feature_drop, scale_noise, true_class_prob
+from fastbml.kernels import feature_drop, lerp, scale_noise, true_class_prob
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -33,6 +33,10 @@ def specs():
             "sigma": "*fp32", "seed": "i64", "stream": "i32", "NOISE": "constexpr",
             "DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}, {
             "NOISE": True, "DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
+        yield f"lerp[{name}]", lerp._lerp_kernel, {
+            **TABLES, "target_table": "*i64", "weight_index": "*i64", "weights": "*fp32",
+            "DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}, {
+            "DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
         yield f"true_class_prob[{name}]", true_class_prob._true_class_prob_kernel, {
             "logits": f"*{name}", "labels": "*i64", "out": "*fp32", "batch": "i32",
             "n_classes": "i32", "stride_g": "i64", "stride_b": "i64", "stride_c": "i64",

@@ -28,8 +28,9 @@ def compiled():
 
 def test_every_kernel_compiles_for_sm90(compiled):
     kernels = {name.split("[")[0] for name in compiled}
-    assert kernels == {"moments", "rewrite", "sigma", "true_class_prob", "drop_scale", "weights"}
-    assert len(compiled) == 14
+    assert kernels == {"moments", "rewrite", "sigma", "true_class_prob", "drop_scale", "weights",
+                       "lerp"}
+    assert len(compiled) == 17
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
@@ -37,3 +38,4 @@ def test_aligned_elementwise_passes_vectorise(compiled, dtype):
     assert compiled[f"moments[{dtype}]"]["ld_v4"]
     assert compiled[f"rewrite[{dtype}]"]["ld_v4"] and compiled[f"rewrite[{dtype}]"]["st_v4"]
     assert compiled[f"drop_scale[{dtype}]"]["st_v4"]
+    assert compiled[f"lerp[{dtype}]"]["ld_v4"] and compiled[f"lerp[{dtype}]"]["st_v4"]
