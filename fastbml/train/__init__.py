@@ -2,7 +2,7 @@
 
 from .config import PRESETS, TrainConfig, make_config
 from .demo import format_table, run_demo
-from .engine import Trainer, train
+from .engine import Trainer, setup_distributed, train
 from .methods import METHODS, MethodStack, parse_method
 from .metrics import classification_metrics
 
@@ -17,5 +17,6 @@ __all__ = [
     "make_config",
     "parse_method",
     "run_demo",
+    "setup_distributed",
     "train",
 ]

@@ -215,6 +215,11 @@ class Trainer:
 
     `splits` may be given directly (otherwise cfg.dataset is loaded); `resume=True` continues
     from cfg.out/checkpoint_last.pt.
+
+    Under torchrun the Trainer joins the process group itself (`setup_distributed`; the caller
+    may destroy it afterwards), or uses one the caller initialised. With 2+ ranks, `fit`,
+    `evaluate` and the constructor are collectives: every rank calls them, and every rank gets
+    the same metrics and summary (rank 0 alone writes files).
     """
 
     def __init__(self, cfg: TrainConfig, splits: Splits | None = None, *, resume: bool = False):
