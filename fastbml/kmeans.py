@@ -111,16 +111,18 @@ def _best_start(sample: torch.Tensor, k: int, n_init: int, max_iter: int, tol: f
                 generator: torch.Generator) -> torch.Tensor:
     """The lowest-inertia of `n_init` k-means++ + Lloyd runs on `sample`: [k, D]. The runs
     iterate together (one matrix product per step); a run leaves the batch once converged."""
-    s_sq = (sample * sample).sum(1)
+    s_sq = squared_norms(sample)
     runs = _kmeans_plus_plus(sample, s_sq, k, n_init, generator)              # [n_init, k, D]
-    threshold = tol * float(_mean_variance(sample, None))
+    threshold = tol * float(_mean_variance(sample, s_sq, None))
     active = torch.arange(n_init, device=sample.device)
     offsets = active * k
+    points = sample.repeat(n_init, 1)
     for _ in range(max_iter):
         count = active.numel()
         current = runs[active]
         labels = _nearest(sample, s_sq, current.view(count * k, -1), groups=count)[1]
-        updated = _lloyd_step(sample.repeat(count, 1), (labels + offsets[:count]).T.reshape(-1),
+        updated = _lloyd_step(points[:count * sample.shape[0]],
+                              (labels + offsets[:count]).T.reshape(-1),
                               current.view(count * k, -1), None).view(count, k, -1)
         runs[active] = updated
         active = active[((updated - current) ** 2).sum((1, 2)) > threshold]
@@ -130,19 +132,31 @@ def _best_start(sample: torch.Tensor, k: int, n_init: int, max_iter: int, tol: f
     return runs[int(inertia.argmin())]
 
 
-def _mean_variance(x: torch.Tensor, group: object | None) -> torch.Tensor:
-    """Mean over features of each feature's variance, over all ranks' points."""
-    stats = torch.stack([x.sum(0), (x * x).sum(0)]).to(torch.float64)
-    count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_i||^2 per row."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _mean_variance(x: torch.Tensor, x_sq: torch.Tensor, group: object | None) -> torch.Tensor:
+    """Mean over features of each feature's variance, over all ranks' points:
+    (E||x||^2 - ||E x||^2) / D."""
+    stats = torch.cat([x.sum(0, dtype=torch.float64), x_sq.sum(dtype=torch.float64)[None],
+                       torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)])
     all_reduce_sum_(stats, group)
-    all_reduce_sum_(count, group)
-    mean = stats[0] / count
-    return (stats[1] / count - mean * mean).clamp(min=0.0).mean()
+    count = stats[-1].clamp(min=1.0)
+    mean = stats[:-2] / count
+    return ((stats[-2] / count - (mean * mean).sum()) / x.shape[1]).clamp(min=0.0)
+
+
+# The restarts run on a sample of max(SAMPLE_MIN, SAMPLE_PER_CLUSTER * k) points, for at most
+# START_ITERS Lloyd iterations: enough to rank them by inertia; only the winner goes on to
+# every point (where the iterations cost the most).
+SAMPLE_MIN, SAMPLE_PER_CLUSTER, START_ITERS = 1024, 32, 20
 
 
 def sample_size_for(n_clusters: int) -> int:
-    """Points the restarts run on: enough per cluster for a reliable inertia ranking."""
-    return max(2048, 64 * n_clusters)
+    """Points the restarts run on."""
+    return max(SAMPLE_MIN, SAMPLE_PER_CLUSTER * n_clusters)
 
 
 def initial_centroids(x: torch.Tensor, n_clusters: int, *, n_init: int, max_iter: int,
@@ -152,7 +166,7 @@ def initial_centroids(x: torch.Tensor, n_clusters: int, *, n_init: int, max_iter
     the same on every rank of `group`."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     sample = _sample(x, sample_size or sample_size_for(n_clusters), generator, group)
-    return _best_start(sample, n_clusters, n_init, max_iter, tol, generator)
+    return _best_start(sample, n_clusters, n_init, min(max_iter, START_ITERS), tol, generator)
 
 
 def kmeans(x: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int = 300,
@@ -169,8 +183,8 @@ def kmeans(x: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int 
                                       seed=seed, sample_size=sample_size, group=group)
     else:
         centroids = init.to(x)
-    x_sq = (x * x).sum(1)
-    threshold = float(tol * _mean_variance(x, group))
+    x_sq = squared_norms(x)
+    threshold = float(tol * _mean_variance(x, x_sq, group))
     n_iter = 0
     while n_iter < max_iter:  # unchanged labels give unchanged centroids: shift 0, converged
         n_iter += 1

@@ -55,17 +55,26 @@ def minmax_scale(x: torch.Tensor, group: object | None = None) -> torch.Tensor:
     """Every column mapped to [-1, 1] by its min and max (over all ranks of `group`); a constant
     column maps to -1, as scikit-learn's MinMaxScaler does. float32 result."""
     x = x.to(torch.float32)
+    return _scale(x, *_column_range(x), group)
+
+
+def _column_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's column minima and maxima (+inf / -inf for no rows)."""
     if x.shape[0]:
-        low, high = x.aminmax(dim=0)
-    else:  # an empty shard still joins the collectives
-        low = torch.full(x.shape[1:], torch.inf, device=x.device)
-        high = -low
+        return x.amin(dim=0), x.amax(dim=0)
+    low = torch.full(x.shape[1:], torch.inf, device=x.device)
+    return low, -low
+
+
+def _scale(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+           group: object | None) -> torch.Tensor:
     if group is not None:
+        low, high = low.clone(), high.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     span = high - low
     scale = torch.where(span > 0, 2.0 / torch.where(span > 0, span, 1.0), 0.0)
-    return (x - low) * scale - 1.0
+    return torch.addcmul(-1.0 - low * scale, x, scale)  # one pass: (x - low) * scale - 1
 
 
 def purity_from_clusters(clusters: torch.Tensor, labels: torch.Tensor, n_clusters: int,
@@ -111,8 +120,9 @@ def _sklearn_clusters(x: torch.Tensor, k: int, n_init: int, max_iter: int, tol: 
 
 
 def _check_inputs(features: object, labels: object, n_clusters: object,
-                  group: object | None) -> int:
-    """Validate (over all ranks of `group`); returns the number of classes the labels show."""
+                  group: object | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Validate (over all ranks of `group`); returns the number of classes the labels show and
+    this rank's column minima and maxima (which also reveal any NaN/Inf)."""
     if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("features and labels must be tensors, got "
                         f"{type(features).__name__} and {type(labels).__name__}")
@@ -127,9 +137,12 @@ def _check_inputs(features: object, labels: object, n_clusters: object,
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    low, high = _column_range(features.detach().to(torch.float32))
+    finite = torch.isfinite(low) & torch.isfinite(high) if features.shape[0] else \
+        torch.ones_like(low, dtype=torch.bool)
     stats = torch.stack([
         torch.tensor(features.shape[0], device=features.device, dtype=torch.float64),
-        (~torch.isfinite(features)).sum().to(torch.float64),
+        (~finite).sum().to(torch.float64),
         (labels < 0).sum().to(torch.float64),
     ])
     distributed.all_reduce_sum_(stats, group)
@@ -139,12 +152,12 @@ def _check_inputs(features: object, labels: object, n_clusters: object,
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     n, bad_values, negative = (int(v) for v in stats.tolist())
     if bad_values:
-        raise ValueError(f"features hold {bad_values} NaN/Inf values")
+        raise ValueError(f"features hold NaN/Inf values (in {bad_values} columns)")
     if negative:
         raise ValueError(f"labels must be >= 0, got {negative} negative labels")
     if n < n_clusters:
         raise ValueError(f"n_clusters = {n_clusters} exceeds the number of samples ({n})")
-    return int(top) + 1
+    return int(top) + 1, low, high
 
 
 def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int, *,
@@ -158,7 +171,7 @@ def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int
     The restarts (`n_init`) make the value stable across seeds; `seed` fixes it exactly.
     """
     group = distributed.resolve_group(group)
-    found_classes = _check_inputs(features, labels, n_clusters, group)
+    found_classes, low, high = _check_inputs(features, labels, n_clusters, group)
     if num_classes is None:
         num_classes = found_classes
     elif found_classes > num_classes:
@@ -168,7 +181,7 @@ def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     backend = resolve_kmeans_backend(backend, features.device, group is not None)
-    x = minmax_scale(features.detach(), group)
+    x = _scale(features.detach().to(torch.float32), low, high, group)
     labels = labels.to(torch.long)
     if backend == "torch":
         clusters = kmeans(x, n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
