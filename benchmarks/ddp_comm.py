@@ -39,7 +39,6 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from fastbml.data import SyntheticConfig, make_synthetic
 from fastbml.train import Trainer, make_config
-from fastbml.train.methods import unavailable
 
 METHODS = ("joint", "ogm", "ogm-ge", "opm", "opm+ogm-ge", "dr")
 _WRAPPED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
@@ -185,10 +184,6 @@ def _rank_job(rank: int, world: int, init_file: str, args, results) -> None:
                 lat.append(time.perf_counter() - started)
             rows.append({"probe_all_reduce_s": statistics.median(lat[20:])})
             for method in args.methods:
-                missing = [unavailable(p) for p in method.split("+") if unavailable(p)]
-                if missing:
-                    rows.append({"method": method, "skipped": missing[0]})
-                    continue
                 row = {"method": method}
                 out = os.path.join(tmp, method.replace("+", "_"))
                 # -- counting: method collectives per step, DDP buckets via a comm hook
@@ -272,9 +267,6 @@ def _print_world(args, rows) -> None:
     print(head)
     print("-" * len(head))
     for row in rows[1:]:
-        if "skipped" in row:
-            print(f"{row['method']:11s} skipped: {row['skipped']}")
-            continue
         calls, nbytes = row["per_step"]
         buckets, gbytes = row["grad"]
         print(f"{row['method']:11s} {_calls(calls):30s} {nbytes:6.0f} {buckets:12g} x {gbytes / 1e6:8.3f} MB "
@@ -283,8 +275,6 @@ def _print_world(args, rows) -> None:
     print("\nfirst step only (agreement check), per epoch (Trainer), evaluation of val "
           f"({args.val} rows):")
     for row in rows[1:]:
-        if "skipped" in row:
-            continue
         print(f"{row['method']:11s} first: {_calls(row['first_step'][0])} "
               f"({row['first_step'][1]} B); epoch: {_calls(row['epoch'][0])} "
               f"({row['epoch'][1]:.0f} B); eval: {_calls(row['eval'][0])} ({row['eval'][1]} B)")
@@ -313,7 +303,7 @@ def _world1(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     splits = _splits(args, 1)
-    methods = [m for m in args.methods if not any(unavailable(p) for p in m.split("+"))]
+    methods = list(args.methods)
     with tempfile.TemporaryDirectory() as tmp:
         plain = {m: Trainer(make_config("demo", **_config(args, m, f"{tmp}/a")), splits)
                  for m in methods}

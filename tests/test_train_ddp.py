@@ -15,7 +15,6 @@ from fastbml import rng
 from fastbml.data import SyntheticConfig, make_synthetic
 from fastbml.train import Trainer, make_config
 from fastbml.train.engine import _ShardSampler, setup_distributed
-from fastbml.train.methods import unavailable
 
 # Uneven val / test sizes: the ranks' evaluation shards differ in length.
 TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)
@@ -170,7 +169,6 @@ def dr_job(rank, world, base):
     return trainer.trained, trainer.logger.history
 
 
-@pytest.mark.skipif(unavailable("dr") is not None, reason=str(unavailable("dr")))
 def test_dr_two_ranks_identical_replicas(tmp_path):
     (p0, h0), (p1, h1) = values(run_ranks(dr_job, str(tmp_path)))
     for name, tensor in p0.items():

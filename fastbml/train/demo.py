@@ -16,7 +16,6 @@ from ..data import load_dataset
 from .config import make_config
 from .engine import Trainer
 from .logger import plot_comparison
-from .methods import unavailable
 
 DEMO_METHODS = ("joint", "ogm-ge", "opm", "dr")
 QUICK_SEEDS = (0,)
@@ -37,8 +36,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = QUICK_SEEDS if quick else FULL_SEEDS
-    skipped = {m: unavailable(m) for m in methods if unavailable(m)}
-    methods = tuple(m for m in methods if m not in skipped)
     alone: dict[str, list[float]] = {}
     runs: dict[str, dict[str, list]] = {m: {"acc": [], "uni": [], "seconds": []} for m in methods}
     modalities: list[str] = []
@@ -64,8 +61,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False,
         "seeds": list(seeds),
         "dataset": "synthetic",
     }
-    if skipped:
-        results["skipped"] = skipped
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_comparison(results["methods"], modalities, out / "comparison.png", results["alone"])
     return results
@@ -82,5 +77,4 @@ def format_table(results: dict) -> str:
         lines.append(f"{method:<16}{r['acc']:>8.3f}"
                      + "".join(f"{r['acc_per_modality'][m]:>9.3f}" for m in modalities)
                      + f"{r['seconds']:>7.1f}")
-    lines += [f"{method:<16}skipped: {why}" for method, why in results.get("skipped", {}).items()]
     return "\n".join(lines)

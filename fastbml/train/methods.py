@@ -22,14 +22,6 @@ METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr")
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
-def unavailable(part: str) -> str | None:
-    """Why a method part cannot run in this installation (None when it can)."""
-    if part == "dr" and not hasattr(fastbml, "DiagnoseRelearn"):
-        return ("method 'dr' is not available yet: fastbml.DiagnoseRelearn has not landed in "
-                "this version")
-    return None
-
-
 def parse_method(method: str) -> tuple[str, ...]:
     """The components of a method string such as "opm+ogm-ge" (sorted, "joint" alone)."""
     if not isinstance(method, str) or not method:
@@ -68,8 +60,6 @@ class MethodStack:
                                    warmup_epochs=cfg.warmup_epochs, seed=seed + 1,
                                    backend=cfg.backend).to(device)
         if "dr" in self.parts:
-            if unavailable("dr"):
-                raise ValueError(unavailable("dr"))
             self.dr = fastbml.DiagnoseRelearn(
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
                 times=cfg.dr_times, lam=cfg.dr_lambda,
