@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scale_noise import _chunk_ptr, _load_chunk, _store_chunk
+from .chunks import by_dtype, chunk_ptr, chunk_table, default_block, load_chunk, store_chunk
 from .tables import TL_DTYPES, device_table
 
 
@@ -21,16 +21,16 @@ from .tables import TL_DTYPES, device_table
 def _lerp_kernel(ptr_table, target_table, numel_table, weight_index, weights, chunk_tensor,
                  chunk_start, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
+    t, start, ptr = chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
     w = tl.load(weights + tl.load(weight_index + t))
     if w != 0.0:  # weight 0: no traffic, and the tensor stays bit-identical
-        _, _, target = _chunk_ptr(target_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
+        _, _, target = chunk_ptr(target_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
         count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
-        x = _load_chunk(ptr, count, BLOCK)
-        y = _load_chunk(target, count, BLOCK)
+        x = load_chunk(ptr, count, BLOCK)
+        y = load_chunk(target, count, BLOCK)
         # Exact at w = 1 (gives y), like torch.lerp.
         out = tl.where(w < 0.5, x + w * (y - x), y - (y - x) * (1.0 - w))
-        _store_chunk(ptr, out.to(DTYPE), count, BLOCK)
+        store_chunk(ptr, out.to(DTYPE), count, BLOCK)
 
 
 def multi_tensor_lerp_(tensors: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
@@ -41,18 +41,9 @@ def multi_tensor_lerp_(tensors: Sequence[torch.Tensor], targets: Sequence[torch.
     if not tensors:
         return
     device = tensors[0].device
-    if block is None:
-        block = 16384 if device.type == "cpu" else 4096
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t.numel():
-            by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, members in by_dtype.items():
-        chunk_tensor, chunk_start = [], []
-        for local, i in enumerate(members):
-            starts = range(0, tensors[i].numel(), block)
-            chunk_tensor += [local] * len(starts)
-            chunk_start += starts
+    block = block or default_block(device)
+    for dtype, members in by_dtype(tensors).items():
+        chunk_tensor, chunk_start, _ = chunk_table([tensors[i].numel() for i in members], block)
         ptrs, target_ptrs, numels, groups = device_table(
             [[tensors[i].data_ptr() for i in members], [targets[i].data_ptr() for i in members],
              [tensors[i].numel() for i in members], [weight_index[i] for i in members]],

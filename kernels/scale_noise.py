@@ -16,49 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunks import by_dtype, chunk_ptr, chunk_table, default_block, load_chunk, store_chunk
 from .philox import normal_block
 from .tables import TL_DTYPES, device_table
-
-
-@triton.jit
-def _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE: tl.constexpr,
-               ALIGNED: tl.constexpr):
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    ptr = tl.load(ptr_table + t).to(tl.pointer_type(DTYPE)) + start
-    if ALIGNED:  # every tensor 16-byte aligned and chunks a multiple of 16 bytes: vector access
-        ptr = tl.multiple_of(ptr, 16)
-    return t, start, ptr
-
-
-@triton.jit
-def _load_chunk(ptr, count, BLOCK: tl.constexpr):
-    """The chunk's values in float32 (0 past `count`); full chunks load without a mask, so
-    that the compiler can use vector loads."""
-    offs = tl.arange(0, BLOCK)
-    if count == BLOCK:  # noqa: SIM108 - a runtime branch in a Triton kernel, not a ternary
-        x = tl.load(ptr + offs)
-    else:
-        x = tl.load(ptr + offs, mask=offs < count, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store_chunk(ptr, values, count, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    if count == BLOCK:
-        tl.store(ptr + offs, values)
-    else:
-        tl.store(ptr + offs, values, mask=offs < count)
 
 
 @triton.jit
 def _moments_kernel(ptr_table, numel_table, chunk_tensor, chunk_start, moments,
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
+    t, start, ptr = chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
     count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
-    x = _load_chunk(ptr, count, BLOCK)
+    x = load_chunk(ptr, count, BLOCK)
     mean = tl.sum(x) / count.to(tl.float32)
     m2 = tl.sum(tl.where(tl.arange(0, BLOCK) < count, (x - mean) * (x - mean), 0.0))
     tl.store(moments + 3 * pid, count.to(tl.float32))
@@ -97,13 +66,13 @@ def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, s
                     NOISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                     ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    t, start, ptr = _chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
+    t, start, ptr = chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
     count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
-    y = tl.load(scales + tl.load(scale_index + t)) * _load_chunk(ptr, count, BLOCK)
+    y = tl.load(scales + tl.load(scale_index + t)) * load_chunk(ptr, count, BLOCK)
     if NOISE:
         first = tl.load(offset_table + t) + start
         y += tl.load(sigma + t) * normal_block(seed, stream, first, BLOCK)
-    _store_chunk(ptr, y.to(DTYPE), count, BLOCK)
+    store_chunk(ptr, y.to(DTYPE), count, BLOCK)
 
 
 def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
@@ -115,19 +84,10 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
     if not tensors:
         return
     device = tensors[0].device
-    if block is None:
-        block = 16384 if device.type == "cpu" else 4096
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t.numel():
-            by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, members in by_dtype.items():
-        chunk_tensor, chunk_start, first_chunk = [], [], [0]
-        for local, i in enumerate(members):
-            starts = range(0, tensors[i].numel(), block)
-            chunk_tensor += [local] * len(starts)
-            chunk_start += starts
-            first_chunk.append(len(chunk_tensor))
+    block = block or default_block(device)
+    for dtype, members in by_dtype(tensors).items():
+        chunk_tensor, chunk_start, first_chunk = chunk_table([tensors[i].numel() for i in members],
+                                                             block)
         per_tensor = device_table(
             [[tensors[i].data_ptr() for i in members], [tensors[i].numel() for i in members],
              [offsets[i] for i in members], [scale_index[i] for i in members]], device)
