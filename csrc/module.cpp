@@ -17,9 +17,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numels"), py::arg("offsets"), py::arg("scale_index"), py::arg("scales_ptr"),
         py::arg("noise"), py::arg("seed"), py::arg("stream"), py::arg("eps"));
   m.def("true_class_prob_sums", &fastbml::true_class_prob_sums,
-        py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptr"), py::arg("dtype"),
-        py::arg("n_groups"), py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"),
-        py::arg("out_ptr"));
+        py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptrs"), py::arg("dtype"),
+        py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"), py::arg("out_ptr"));
   m.def("opm_drop_scale", &fastbml::opm_drop_scale, py::call_guard<py::gil_scoped_release>(),
         py::arg("in_ptrs"), py::arg("out_ptrs"), py::arg("dtype"), py::arg("batch"),
         py::arg("dims"), py::arg("row_strides"), py::arg("q_ptr"), py::arg("threshold"),

@@ -16,12 +16,13 @@ namespace {
 
 constexpr int64_t kTileElements = 8192;  // shifted logits of a tile of rows, kept in L1/L2
 
-// prob[r] for rows [first, last) of logits [rows, C]; NaN for a row holding NaN or +inf.
+// prob[r] for rows [first, last) of the groups' rows laid end to end (row r is row r % batch of
+// group r / batch); NaN for a row holding NaN or +inf.
 template <typename T>
-void tile_true_probs(const T* logits, const int64_t* labels, int64_t batch, int64_t n_classes,
-                     int64_t first, int64_t last, float* shifted, float* prob) {
+void tile_true_probs(const uintptr_t* groups, const int64_t* labels, int64_t batch,
+                     int64_t n_classes, int64_t first, int64_t last, float* shifted, float* prob) {
   for (int64_t r = first; r < last; ++r) {
-    const T* row = logits + r * n_classes;
+    const T* row = reinterpret_cast<const T*>(groups[r / batch]) + (r % batch) * n_classes;
     float* out = shifted + (r - first) * n_classes;
     float peak = -INFINITY;  // a NaN entry is skipped here and caught through the sum below
 #pragma omp simd reduction(max : peak)
@@ -41,28 +42,32 @@ void tile_true_probs(const T* logits, const int64_t* labels, int64_t batch, int6
 }
 
 FASTBML_SIMD_CLONES
-void true_probs(DType dtype, uintptr_t logits, const int64_t* labels, int64_t batch,
+void true_probs(DType dtype, const uintptr_t* groups, const int64_t* labels, int64_t batch,
                 int64_t n_classes, int64_t first, int64_t last, float* shifted, float* prob) {
   switch (dtype) {
     case DType::kBFloat16:
-      return tile_true_probs(reinterpret_cast<const BFloat16*>(logits), labels, batch, n_classes,
-                             first, last, shifted, prob);
+      return tile_true_probs<BFloat16>(groups, labels, batch, n_classes, first, last, shifted,
+                                       prob);
     case DType::kFloat16:
-      return tile_true_probs(reinterpret_cast<const Float16*>(logits), labels, batch, n_classes,
-                             first, last, shifted, prob);
+      return tile_true_probs<Float16>(groups, labels, batch, n_classes, first, last, shifted,
+                                      prob);
     default:
-      return tile_true_probs(reinterpret_cast<const float*>(logits), labels, batch, n_classes,
-                             first, last, shifted, prob);
+      return tile_true_probs<float>(groups, labels, batch, n_classes, first, last, shifted, prob);
   }
 }
 
 }  // namespace
 
-void true_class_prob_sums(uintptr_t logits_ptr, int dtype, int64_t n_groups, int64_t batch,
-                          int64_t n_classes, uintptr_t labels_ptr, uintptr_t out_ptr) {
+int64_t true_class_prob_sums(const std::vector<uintptr_t>& logits_ptrs, int dtype, int64_t batch,
+                             int64_t n_classes, uintptr_t labels_ptr, uintptr_t out_ptr) {
   const DType dt = dtype_from_code(dtype);
   const int64_t* labels = reinterpret_cast<const int64_t*>(labels_ptr);
+  int64_t out_of_range = 0;
+#pragma omp simd reduction(+ : out_of_range)
+  for (int64_t i = 0; i < batch; ++i) out_of_range += (labels[i] < 0) | (labels[i] >= n_classes);
+  if (out_of_range) return out_of_range;
   float* out = reinterpret_cast<float*>(out_ptr);
+  const int64_t n_groups = static_cast<int64_t>(logits_ptrs.size());
   const int64_t rows = n_groups * batch;
   const int64_t tile_rows = std::max<int64_t>(1, kTileElements / n_classes);
   const int64_t n_tiles = (rows + tile_rows - 1) / tile_rows;
@@ -72,7 +77,7 @@ void true_class_prob_sums(uintptr_t logits_ptr, int dtype, int64_t n_groups, int
     std::vector<float> shifted(tile_rows * n_classes);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tiles; ++t)
-      true_probs(dt, logits_ptr, labels, batch, n_classes, t * tile_rows,
+      true_probs(dt, logits_ptrs.data(), labels, batch, n_classes, t * tile_rows,
                  std::min(rows, (t + 1) * tile_rows), shifted.data(), prob.data());
   }
   for (int64_t m = 0; m < n_groups; ++m) {  // fixed order: deterministic for any thread count
@@ -80,6 +85,7 @@ void true_class_prob_sums(uintptr_t logits_ptr, int dtype, int64_t n_groups, int
     for (int64_t i = 0; i < batch; ++i) sum += prob[m * batch + i];
     out[m] = static_cast<float>(sum);
   }
+  return 0;
 }
 
 }  // namespace fastbml

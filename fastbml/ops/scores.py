@@ -10,35 +10,40 @@ from ..backend import cpp_module, resolve_backend
 from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
 
 
-def _torch_impl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _torch_impl(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    logits = torch.stack(parts)
     log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
     index = labels.expand(logits.shape[0], -1).unsqueeze(-1)
     return log_probs.gather(-1, index).squeeze(-1).exp().sum(dim=1)
 
 
-def _cpp_impl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits.contiguous()
-    labels = labels.contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.float32)
-    cpp_module().true_class_prob_sums(logits.data_ptr(), CPP_DTYPE_CODES[logits.dtype],
-                                      *logits.shape, labels.data_ptr(), out.data_ptr())
+def _cpp_impl(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    parts = [u.contiguous() for u in parts]
+    out = torch.empty(len(parts), dtype=torch.float32)
+    batch, n_classes = parts[0].shape
+    outside = cpp_module().true_class_prob_sums([u.data_ptr() for u in parts],
+                                                CPP_DTYPE_CODES[parts[0].dtype], batch,
+                                                n_classes, labels.data_ptr(), out.data_ptr())
+    if outside:
+        raise _labels_outside(n_classes)
     return out
 
 
-def _triton_impl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _triton_impl(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     from ..kernels.true_class_prob import true_class_prob_sums
 
-    return true_class_prob_sums(logits, labels.contiguous())
+    return true_class_prob_sums(torch.stack(parts), labels)
 
 
 _IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
 
 
-def _stack_logits(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def _logit_parts(logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The M detached [B, C] logits, checked to share shape, dtype and device."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             raise ValueError(f"logits as one tensor must be [M, B, C], got shape {tuple(logits.shape)}")
-        stacked = logits
+        parts = list(logits.detach().unbind(0))
     else:
         if isinstance(logits, (str, bytes)) or not isinstance(logits, Sequence) or not logits:
             raise TypeError("logits must be a non-empty sequence of [B, C] tensors or one [M, B, C] tensor")
@@ -53,16 +58,15 @@ def _stack_logits(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
             if u.device != logits[0].device or u.dtype != logits[0].dtype:
                 raise ValueError(f"logits[{m}] is {u.dtype} on {u.device} but logits[0] is "
                                  f"{logits[0].dtype} on {logits[0].device}")
-        stacked = torch.stack([u.detach() for u in logits])
-    if stacked.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {stacked.dtype}")
-    if stacked.shape[2] == 0:
-        raise ValueError("logits have 0 classes")
-    return stacked.detach()
+        parts = [u.detach() for u in logits]
+    if parts and parts[0].dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {parts[0].dtype}")
+    if not parts or parts[0].shape[1] == 0:
+        raise ValueError("logits have 0 modalities or 0 classes")
+    return parts
 
 
-def _check_labels(labels: torch.Tensor, batch: int, n_classes: int,
-                  device: torch.device) -> torch.Tensor:
+def _check_labels(labels: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -72,14 +76,21 @@ def _check_labels(labels: torch.Tensor, batch: int, n_classes: int,
                          f"got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but logits on {device}")
-    labels = labels.to(torch.int64)
+    return labels.to(torch.int64).contiguous()
+
+
+def _labels_outside(n_classes: int) -> ValueError:
+    return ValueError(f"labels must lie in [0, {n_classes}), got values outside it")
+
+
+def _check_label_range(labels: torch.Tensor, n_classes: int) -> None:
+    """On CPU a ValueError; on CUDA a device-side assert (no host sync)."""
     in_range = ((labels >= 0) & (labels < n_classes)).all()
     if labels.device.type == "cpu":
-        if batch and not in_range:
-            raise ValueError(f"labels must lie in [0, {n_classes}), got values outside it")
-    elif labels.device.type == "cuda":  # checked on device: no host sync
+        if not in_range:
+            raise _labels_outside(n_classes)
+    elif labels.device.type == "cuda":
         torch._assert_async(in_range, f"fastbml: labels must lie in [0, {n_classes})")
-    return labels
 
 
 def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
@@ -90,9 +101,13 @@ def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch
     (not the mean) over the batch is what OGM and OPM take ratios of (SPEC §0.4). Labels out of
     range raise ValueError on CPU and trip a device-side assert on CUDA (no host sync).
     """
-    stacked = _stack_logits(logits)
-    groups, batch, n_classes = stacked.shape
-    labels = _check_labels(labels, batch, n_classes, stacked.device)
+    parts = _logit_parts(logits)
+    batch, n_classes = parts[0].shape
+    device = parts[0].device
+    labels = _check_labels(labels, batch, device)
     if batch == 0:
-        return torch.zeros(groups, dtype=torch.float32, device=stacked.device)
-    return _IMPLS[resolve_backend(backend, stacked.device)](stacked, labels)
+        return torch.zeros(len(parts), dtype=torch.float32, device=device)
+    impl = resolve_backend(backend, device)
+    if impl != "cpp":  # the cpp kernel checks the range itself
+        _check_label_range(labels, n_classes)
+    return _IMPLS[impl](parts, labels)
