@@ -15,6 +15,8 @@ dead) driven by a 64-d class-dependent latent, one modality more separable than 
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
@@ -63,7 +65,8 @@ def _implementations(device: torch.device, scale: str) -> dict:
     impls = {}
     if device.type == "cpu" or scale != "Kinetics-400":
         impls[ORIGINAL] = original_purity
-    for backend in ("torch", "faiss") + (("sklearn",) if scale == "CREMA-D" else ()):
+    backends = ["torch"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
+    for backend in backends + (["sklearn"] if scale == "CREMA-D" else []):
         impls[fastbml_impl(backend)] = (
             lambda x, y, k, b=backend: fastbml.cluster_purity(x, y, k, backend=b, seed=0))
     return impls
