@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from utils import ALL_BACKENDS, DEVICE, FAST_BACKENDS, FLOAT_DTYPES, assert_close, randn
+from utils import (
+    ALL_BACKENDS,
+    DEVICE,
+    FAST_BACKENDS,
+    FLOAT_DTYPES,
+    CountingKernel,
+    assert_close,
+    randn,
+)
 
 import fastbml
 from fastbml import rng
@@ -368,24 +376,13 @@ def test_cuda_step_makes_no_host_sync(backend):
     torch.cuda.synchronize()
 
 
-class _CountingKernel:
-    """Stands in for a @triton.jit kernel and counts its launches."""
-
-    def __init__(self, kernel, counter):
-        self.kernel, self.counter = kernel, counter
-
-    def __getitem__(self, grid):
-        self.counter.append(grid)
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("n_tensors", [2, 9, 40])
 def test_triton_launch_count_does_not_grow_with_the_number_of_tensors(monkeypatch, n_tensors):
     from fastbml.kernels import scale_noise as kernels
 
     launches = []
     for name in ("_moments_kernel", "_sigma_kernel", "_rewrite_kernel"):
-        monkeypatch.setattr(kernels, name, _CountingKernel(getattr(kernels, name), launches))
+        monkeypatch.setattr(kernels, name, CountingKernel(getattr(kernels, name), launches))
     groups = [make_params([(7, 3)] * (n_tensors // 2)), make_params([(5,)] * (n_tensors // 2))]
     fastbml.ogm_modulate_(groups, torch.tensor([0.5, 1.0], device=DEVICE), seed=1,
                           backend="triton")

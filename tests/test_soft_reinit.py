@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from utils import ALL_BACKENDS, DEVICE, FAST_BACKENDS, FLOAT_DTYPES, assert_close, randn
+from utils import (
+    ALL_BACKENDS,
+    DEVICE,
+    FAST_BACKENDS,
+    FLOAT_DTYPES,
+    CountingKernel,
+    assert_close,
+    randn,
+)
 
 import fastbml
 
@@ -190,22 +198,11 @@ def test_meta_tensors_run_without_host_sync():
     fastbml.soft_reinit_(params[1], init[1], 0.5)
 
 
-class _CountingKernel:
-    """Stands in for a @triton.jit kernel and counts its launches."""
-
-    def __init__(self, kernel, counter):
-        self.kernel, self.counter = kernel, counter
-
-    def __getitem__(self, grid):
-        self.counter.append(grid)
-        return self.kernel[grid]
-
-
 def test_triton_launches_once_per_dtype_however_many_tensors(monkeypatch):
     from fastbml.kernels import lerp as kernels
 
     launches = []
-    monkeypatch.setattr(kernels, "_lerp_kernel", _CountingKernel(kernels._lerp_kernel, launches))
+    monkeypatch.setattr(kernels, "_lerp_kernel", CountingKernel(kernels._lerp_kernel, launches))
     current, init = make_pair([(7, 3)] * 30)
     half, half0 = make_pair([(5,)] * 10, torch.float16)
     fastbml.soft_reinit_([current, half], [init, half0], [0.5, 0.25], backend="triton")

@@ -47,3 +47,14 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, noncontiguous: bool =
         base = torch.randn(*shape[:-1], 2 * shape[-1] + 1, device=DEVICE) * scale + shift
         return base[..., 1::2].to(dtype)
     return (torch.randn(*shape, device=DEVICE) * scale + shift).to(dtype)
+
+
+class CountingKernel:
+    """Stands in for a @triton.jit kernel and counts its launches (in `counter`)."""
+
+    def __init__(self, kernel, counter: list):
+        self.kernel, self.counter = kernel, counter
+
+    def __getitem__(self, grid):
+        self.counter.append(grid)
+        return self.kernel[grid]
