@@ -4,8 +4,8 @@ modalities (four clusterings per diagnosis), at the sizes of the datasets D&R ru
 - `original`: the D&R code's style: features to numpy, scikit-learn's MinMaxScaler and
   KMeans(n_clusters=k, random_state=0) with its default settings, purity by a loop over clusters;
 - `fastbml[torch]`, `fastbml[faiss]`: `fastbml.cluster_purity` (k-means++ restarts, n_init=10);
-- `fastbml[sklearn]`: the reference-compatible backend (scikit-learn with n_init=10 pinned),
-  (not at Kinetics-400 size).
+- `fastbml[sklearn]`: the reference-compatible backend (scikit-learn with n_init=10 pinned, the
+  stable diagnosis done the slow way; not at Kinetics-400 size).
 
 The features are synthetic stand-ins for pooled ResNet-18 features: 512 post-ReLU columns (some
 dead) driven by a 64-d class-dependent latent, one modality more separable than the other.
