@@ -1,6 +1,6 @@
 """fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning)."""
 
-from .diagnose_relearn import DiagnoseRelearn
+from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop_probs
 from .ops.feature_drop import opm_drop
@@ -15,6 +15,7 @@ __all__ = [
     "OGM",
     "OPM",
     "DiagnoseRelearn",
+    "FeatureLoader",
     "cluster_purity",
     "concat_unimodal_logits",
     "modality_scores",

@@ -23,6 +23,53 @@ FeatureSource = Features | Callable[[], Features]
 GroupSpec = nn.Module | Iterable[torch.Tensor]
 
 
+class FeatureLoader:
+    """A D&R feature source over a data loader: calling it runs `encode` on every batch (no grad;
+    `model`, when given, in eval mode for the pass and restored after) and returns
+    ({modality: features [N, D]}, labels [N]). `split` names the split ("test" is refused by
+    DiagnoseRelearn.step).
+
+        train = fastbml.FeatureLoader(lambda x: model.encode(x), train_loader, split="train",
+                                      model=model)
+    """
+
+    def __init__(self, encode: Callable[[object], Mapping[str, torch.Tensor]],
+                 loader: Iterable, *, split: str, model: nn.Module | None = None,
+                 device: torch.device | str | None = None):
+        if not callable(encode):
+            raise TypeError(f"encode must be callable, got {type(encode).__name__}")
+        if not isinstance(split, str):
+            raise TypeError(f"split must be a string such as 'train' or 'val', got {split!r}")
+        self.encode, self.loader, self.split, self.model = encode, loader, split, model
+        self.device = None if device is None else torch.device(device)
+
+    def _to_device(self, value):
+        if self.device is None:
+            return value
+        if isinstance(value, Mapping):
+            return {k: v.to(self.device, non_blocking=True) for k, v in value.items()}
+        return value.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def __call__(self) -> Features:
+        was_training = self.model is not None and self.model.training
+        if self.model is not None:
+            self.model.eval()
+        try:
+            features: dict[str, list[torch.Tensor]] = {}
+            labels = []
+            for inputs, y in self.loader:
+                for m, f in self.encode(self._to_device(inputs)).items():
+                    features.setdefault(m, []).append(f.float())
+                labels.append(self._to_device(y))
+        finally:
+            if was_training:
+                self.model.train()
+        if not labels:
+            raise ValueError(f"the {self.split} loader gave no batches")
+        return {m: torch.cat(v) for m, v in features.items()}, torch.cat(labels)
+
+
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -121,3 +121,29 @@ def test_refuses_the_test_split_and_bad_input():
                                      "c": nn.Linear(3, 3)})
     with pytest.raises(ValueError, match="parameter shapes that differ"):
         dr.load_state_dict(other.state_dict())
+
+
+def test_feature_loader_extracts_in_eval_mode_and_names_its_split():
+    model = ThreeEncoders()
+    model.train()
+    x, y = blob_features(90, 3, 1.0, 7)
+    batches = [({"a": x[i:i + 32, :8], "b": x[i:i + 32, 4:], "c": x[i:i + 32, 2:10]},
+                y[i:i + 32]) for i in range(0, 90, 32)]
+    modes = []
+
+    def encode(inputs):
+        modes.append(model.training)
+        return {m: model.encoders[m](inputs[m]) for m in "abc"}
+
+    source = fastbml.FeatureLoader(encode, batches, split="val", model=model)
+    features, labels = source()
+    assert modes == [False] * 3 and model.training  # eval for the pass, restored after
+    assert torch.equal(labels, y) and features["a"].shape == (90, 16)
+    model.eval()
+    torch.testing.assert_close(features["b"], model.encoders["b"](x[:, 4:]))
+    dr = fastbml.DiagnoseRelearn(dict(model.encoders), every=1)
+    test_source = fastbml.FeatureLoader(encode, batches, split="test")
+    with pytest.raises(ValueError, match="test split"):
+        dr.step(1, source, test_source)
+    with pytest.raises(ValueError, match="gave no batches"):
+        fastbml.FeatureLoader(encode, [], split="train")()
