@@ -10,7 +10,7 @@ CPU inputs are reduced (spectrogram 1x128x96, one 112x112 frame) to keep the run
 modulation's cost does not depend on the input size, so the reduced step gives the *larger*
 relative overhead. On CUDA the inputs are CREMA-D-sized (1x257x188, one 224x224 frame).
 
-    python -m benchmarks.bench_train_step        # prints each method's overhead over joint
+    python -m benchmarks.bench_train_step        # each method's overhead over joint, interleaved
 """
 
 from __future__ import annotations
@@ -91,12 +91,20 @@ def cases(device: torch.device) -> list[Case]:
     return result
 
 
-def main() -> None:
+def main(rounds: int = 15) -> None:
+    """Overheads with the methods interleaved step by step (round r times every method once), so
+    that a slow spell of a shared machine hits them all alike."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    times = {}
-    for case in cases(device):
-        times[case.impl] = median(time_case(case, device, repeats=10, warmup=2, budget_s=60))
-    print(f"{device}, {torch.get_num_threads()} threads; median step time, overhead vs joint")
+    all_cases = cases(device)
+    samples: dict[str, list[float]] = {case.impl: [] for case in all_cases}
+    for r in range(rounds + 2):
+        for case in all_cases:
+            seconds = time_case(case, device, repeats=1, warmup=0)
+            if r >= 2:  # two warm-up rounds
+                samples[case.impl] += seconds
+    times = {impl: median(s) for impl, s in samples.items()}
+    print(f"{device}, {torch.get_num_threads()} threads; median of {rounds} interleaved steps, "
+          "overhead vs joint")
     for impl, seconds in times.items():
         print(f"{impl:14s} {seconds * 1e3:9.1f} ms  {100 * (seconds / times['joint'] - 1):+6.1f}%")
 
