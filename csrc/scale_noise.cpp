@@ -49,7 +49,8 @@ Moments combine(const Moments& a, const Moments& b) {
 }
 
 // Normals for the 4 * kTile flattened indices starting at `first` (first % 4 == 0),
-// stored word-major: normals[w * kTile + j] belongs to index first + 4 * j + w.
+// in index order: normals[i] belongs to index first + i (the interleaved stores of the four
+// words vectorise as register permutes, and the consumer then reads them contiguously).
 void normal_tile(uint64_t seed, uint32_t stream, int64_t first, float* normals) {
   const int64_t first_block = first / 4;
 #pragma omp simd
@@ -57,9 +58,13 @@ void normal_tile(uint64_t seed, uint32_t stream, int64_t first, float* normals) 
     const uint64_t block = static_cast<uint64_t>(first_block + j);
     const Philox4 r = philox4x32(seed, static_cast<uint32_t>(block),
                                  static_cast<uint32_t>(block >> 32), stream, 0u);
-    box_muller(uniform_open(r.w0), uniform_open(r.w1), normals[j], normals[kTile + j]);
-    box_muller(uniform_open(r.w2), uniform_open(r.w3), normals[2 * kTile + j],
-               normals[3 * kTile + j]);
+    float n0, n1, n2, n3;
+    box_muller(uniform_open(r.w0), uniform_open(r.w1), n0, n1);
+    box_muller(uniform_open(r.w2), uniform_open(r.w3), n2, n3);
+    normals[4 * j] = n0;
+    normals[4 * j + 1] = n1;
+    normals[4 * j + 2] = n2;
+    normals[4 * j + 3] = n3;
   }
 }
 
@@ -79,7 +84,7 @@ void scale_noise_chunk(T* x, int64_t n, float scale, float sigma, uint64_t seed,
     T* xt = x + t0;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      const float z = normals[(i & 3) * kTile + (i >> 2)];
+      const float z = normals[i];
       xt[i] = from_float<T>(scale * to_float(xt[i]) + sigma * z);
     }
   }
