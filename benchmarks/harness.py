@@ -31,6 +31,7 @@ class Case:
     fn: Callable[[], object]                  # the timed call
     setup: Callable[[], None] | None = None   # untimed, before every call (e.g. restore grads)
     bytes_moved: int | None = None            # minimum DRAM traffic of fn, for the bandwidth floor
+    single_shot: bool = False                 # time one call, no warm-up (baselines of minutes)
 
 
 def _sync(device: torch.device) -> None:
@@ -40,7 +41,10 @@ def _sync(device: torch.device) -> None:
 
 def time_case(case: Case, device: torch.device, *, repeats: int = 20, warmup: int = 3,
               budget_s: float = 20.0) -> list[float]:
-    """Seconds per call, `repeats` times (fewer if the budget runs out), after `warmup` calls."""
+    """Seconds per call, `repeats` times (fewer if the budget runs out), after `warmup` calls;
+    one call without warm-up for a single-shot case."""
+    if case.single_shot:
+        repeats, warmup = 1, 0
     samples: list[float] = []
     started = time.perf_counter()
     for i in range(warmup + repeats):
