@@ -9,8 +9,8 @@ or a centroid shift below `tol` times the mean feature variance).
 
 Under torch.distributed each rank passes its own shard of the points: the restarts run on a
 sample gathered from every rank (identical on all ranks, so they agree on the start without
-further communication), and each refinement step all-reduces the centroid sums and counts —
-no rank ever holds all the points.
+further communication), and each refinement step all-reduces the centroid sums and counts:
+no rank holds more than its shard and the sample.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from .distributed import all_reduce_sum_
 # Upper bound on the elements of one block of the point-centroid distance matrix.
 _BLOCK_ELEMENTS = 1 << 25
 
+# The restarts run on a sample of max(SAMPLE_MIN, SAMPLE_PER_CLUSTER * k) points, projected on
+# its top max(PROJECTED_MIN, 2k) principal directions (k-means costs are nearly preserved there,
+# and the restarts get several times cheaper), for at most START_ITERS Lloyd iterations. Only
+# the winner goes on, in the full space, to every point, where the iterations cost the most.
+SAMPLE_MIN, SAMPLE_PER_CLUSTER, PROJECTED_MIN, START_ITERS = 4096, 64, 32, 50
+
 
 @dataclass
 class KMeansResult:
@@ -33,6 +39,22 @@ class KMeansResult:
     centroids: torch.Tensor   # [k, D] float32
     inertia: torch.Tensor     # 0-dim float32: sum of squared distances to the centroids (global)
     n_iter: int               # Lloyd iterations of the refinement on all points
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_i||^2 per row."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _mean_variance(x: torch.Tensor, x_sq: torch.Tensor, group: object | None) -> torch.Tensor:
+    """Mean over features of each feature's variance, over all ranks' points:
+    (E||x||^2 - ||E x||^2) / D."""
+    stats = torch.cat([x.sum(0, dtype=torch.float64), x_sq.sum(dtype=torch.float64)[None],
+                       torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)])
+    all_reduce_sum_(stats, group)
+    count = stats[-1].clamp(min=1.0)
+    mean = stats[:-2] / count
+    return ((stats[-2] / count - (mean * mean).sum()) / x.shape[1]).clamp(min=0.0)
 
 
 def _nearest(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor,
@@ -132,29 +154,6 @@ def _best_start(sample: torch.Tensor, k: int, n_init: int, max_iter: int, tol: f
     return runs[int(inertia.argmin())]
 
 
-def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_i||^2 per row."""
-    return torch.linalg.vector_norm(x, dim=1).square_()
-
-
-def _mean_variance(x: torch.Tensor, x_sq: torch.Tensor, group: object | None) -> torch.Tensor:
-    """Mean over features of each feature's variance, over all ranks' points:
-    (E||x||^2 - ||E x||^2) / D."""
-    stats = torch.cat([x.sum(0, dtype=torch.float64), x_sq.sum(dtype=torch.float64)[None],
-                       torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)])
-    all_reduce_sum_(stats, group)
-    count = stats[-1].clamp(min=1.0)
-    mean = stats[:-2] / count
-    return ((stats[-2] / count - (mean * mean).sum()) / x.shape[1]).clamp(min=0.0)
-
-
-# The restarts run on a sample of max(SAMPLE_MIN, SAMPLE_PER_CLUSTER * k) points, projected on
-# its top max(PROJECTED_MIN, 2k) principal directions (k-means costs are nearly preserved there,
-# and the restarts get several times cheaper), for at most START_ITERS Lloyd iterations. Only
-# the winner goes on, in the full space, to every point, where the iterations cost the most.
-SAMPLE_MIN, SAMPLE_PER_CLUSTER, PROJECTED_MIN, START_ITERS = 4096, 64, 32, 50
-
-
 def sample_size_for(n_clusters: int) -> int:
     """Points the restarts run on."""
     return max(SAMPLE_MIN, SAMPLE_PER_CLUSTER * n_clusters)
@@ -197,7 +196,9 @@ def kmeans(x: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int 
         centroids = initial_centroids(x, n_clusters, n_init=n_init, max_iter=max_iter, tol=tol,
                                       seed=seed, sample_size=sample_size, group=group)
     else:
-        centroids = init.to(x)
+        centroids = init.to(x, copy=True)
+    if group is not None:  # identical starts, even if a rank's linear algebra rounded otherwise
+        dist.broadcast(centroids, src=dist.get_global_rank(group, 0), group=group)
     x_sq = squared_norms(x)
     threshold = float(tol * _mean_variance(x, x_sq, group))
     n_iter = 0
