@@ -114,19 +114,22 @@ def _lloyd_step(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
 
 def _sample(x: torch.Tensor, size: int, generator: torch.Generator,
             group: object | None) -> torch.Tensor:
-    """Up to `size` random points; under a group, equal shares gathered from every rank."""
+    """Up to `size` random points; under a group, up to an equal share from every rank (a rank
+    with fewer points gives what it has), the same sample on every rank."""
     if group is None:
         if size >= x.shape[0]:
             return x
         return x[torch.randperm(x.shape[0], generator=generator, device=x.device)[:size]]
     world = dist.get_world_size(group)
-    share = torch.tensor([x.shape[0]], device=x.device)
-    dist.all_reduce(share, op=dist.ReduceOp.MIN, group=group)
-    share = min(int(share), math.ceil(size / world))
-    pick = torch.randperm(x.shape[0], generator=generator, device=x.device)[:share]
-    parts = [torch.empty(share, x.shape[1], dtype=x.dtype, device=x.device) for _ in range(world)]
-    dist.all_gather(parts, x[pick].contiguous(), group=group)
-    return torch.cat(parts)
+    mine = min(x.shape[0], math.ceil(size / world))
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([mine], device=x.device), group=group)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(max(counts), x.shape[1])
+    padded[:mine] = x[torch.randperm(x.shape[0], generator=generator, device=x.device)[:mine]]
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 def _best_start(sample: torch.Tensor, k: int, n_init: int, max_iter: int, tol: float,

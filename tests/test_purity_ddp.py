@@ -73,3 +73,16 @@ def disagree_ranks(rank, world):
 def test_ranks_that_disagree_fail_at_the_first_step():
     for message in values(run_ranks(disagree_ranks)):
         assert "ranks disagree on every" in message
+
+
+def uneven_ranks(rank, world):
+    x, y = data(n=40, k=3, seed=4)
+    mine = slice(0, 0) if rank == 1 else slice(0, 40)  # rank 1 holds no rows at all
+    return fastbml.cluster_purity(x[mine], y[mine], 3, seed=0)
+
+
+def test_a_rank_without_rows_still_takes_part():
+    x, y = data(n=40, k=3, seed=4)
+    purities = values(run_ranks(uneven_ranks))
+    assert purities[0] == purities[1]
+    assert abs(purities[0] - fastbml.cluster_purity(x, y, 3, seed=0)) <= 0.01
