@@ -191,6 +191,16 @@ class _TrainForward(nn.Module):
         return model.head(fused_in), unimodal, weights
 
 
+def _versions() -> dict[str, str]:
+    """Library versions that change results: scikit-learn's KMeans defaults changed in 1.4
+    (SPEC P23), so a D&R run records them."""
+    import sklearn
+
+    from .. import __version__
+
+    return {"fastbml": __version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__}
+
+
 def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -474,6 +484,7 @@ class Trainer:
             "val": {k[4:]: v for k, v in val_record.items() if k.startswith("val_")},
             "test": self.evaluate(self.splits.test),
             "train_seconds": self.seconds,
+            "versions": _versions(),
         }
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
