@@ -81,9 +81,11 @@ class DiagnoseRelearn:
 
         dr = fastbml.DiagnoseRelearn({"audio": model.audio_net, "visual": model.visual_net},
                                      every=20, times=3)       # right after building the model
+        train = fastbml.FeatureLoader(model.encode, train_loader, split="train", model=model)
+        held_out = fastbml.FeatureLoader(model.encode, val_loader, split="val", model=model)
         for epoch in range(epochs):
             train_one_epoch(...)
-            dr.step(epoch, train=extract(train_loader), held_out=extract(val_loader))
+            dr.step(epoch, train, held_out)
 
     `train` and `held_out` are ({modality: features [N, D]}, labels [N]) or a callable returning
     that (called only when a diagnosis is due): the pooled per-modality features that feed the
