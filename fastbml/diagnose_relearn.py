@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .purity import cluster_purity
+from .purity import PURITY_BACKENDS, cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 
 Features = tuple[Mapping[str, torch.Tensor], torch.Tensor]
@@ -114,6 +114,9 @@ class DiagnoseRelearn:
         self.lam = float(lam)
         self.n_clusters = None if n_clusters is None else _positive_int(n_clusters, "n_clusters")
         self.n_init = _positive_int(n_init, "n_init")
+        if kmeans_backend not in (*PURITY_BACKENDS, "auto"):
+            raise ValueError(f"kmeans_backend must be one of {(*PURITY_BACKENDS, 'auto')}, got "
+                             f"{kmeans_backend!r}")
         self.kmeans_backend, self.backend, self.seed = kmeans_backend, backend, int(seed)
         self.modalities = list(groups)
         self.params = [self._parameters(name, spec) for name, spec in groups.items()]
@@ -122,7 +125,6 @@ class DiagnoseRelearn:
         self.group = distributed.resolve_group(process_group)
         self._synced = self.group is None
         self.count = 0
-        self.last_report: dict[str, float] = {}
 
     @staticmethod
     def _parameters(name: str, spec: GroupSpec) -> list[torch.Tensor]:
@@ -188,7 +190,6 @@ class DiagnoseRelearn:
         report = self.diagnose(train, held_out)
         self.relearn({m: report[f"relearn_{m}"] for m in self.modalities})
         self.count += 1
-        self.last_report = report
         return report
 
     def _config(self) -> dict:
@@ -202,10 +203,7 @@ class DiagnoseRelearn:
             return
         distributed.check_same_on_all_ranks(self._config(), self.group,
                                             "fastbml.DiagnoseRelearn")
-        source = dist.get_global_rank(self.group, 0)
-        for group in self.init_params:
-            for p in group:
-                dist.broadcast(p, src=source, group=self.group)
+        distributed.broadcast_([p for group in self.init_params for p in group], self.group)
         self._synced = True
 
     def state_dict(self) -> dict:

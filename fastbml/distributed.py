@@ -36,6 +36,22 @@ def all_reduce_sum_(tensor: torch.Tensor, group: object | None) -> torch.Tensor:
     return tensor
 
 
+def broadcast_(tensors: list[torch.Tensor], group: object | None) -> None:
+    """Overwrite `tensors` with the values of the group's first rank: one broadcast per dtype
+    (nothing when group is None)."""
+    if group is None:
+        return
+    source = dist.get_global_rank(group, 0)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, src=source, group=group)
+        torch._foreach_copy_(same, [part.view_as(t) for part, t in
+                                    zip(flat.split([t.numel() for t in same]), same)])
+
+
 def shared_seed(seed: int, group: object | None) -> int:
     """Rank 0's seed, on every rank: for a seed drawn at random (an explicit one is checked,
     never silently replaced)."""

@@ -147,20 +147,6 @@ class _ShardSampler(DistributedSampler):
         return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
-def _broadcast_(tensors: list[torch.Tensor], group: object | None = None) -> None:
-    """Overwrite `tensors` with rank 0's values: one broadcast per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for same in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in same])
-        dist.broadcast(flat, src=0, group=group)
-        offset = 0
-        for t in same:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
 def _gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
     """Rows r, r + W, ... of an [n, ...] tensor live on rank r: all of it, in order, on every rank."""
     size = -(-n // world)
@@ -352,7 +338,7 @@ class Trainer:
             # after the last step they differ: take rank 0's for evaluation and the checkpoint.
             buffers = list(self.model.buffers())
             if buffers:
-                _broadcast_(buffers)
+                distributed.broadcast_(buffers, dist.group.WORLD)
         return {"train_loss": float(loss_sum) / max(n_seen, 1), **self.methods.epoch_logs()}
 
     def train_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -475,7 +461,7 @@ class Trainer:
             best = torch.load(self.run_dir / BEST, map_location=self.device, weights_only=True)
             self.model.load_state_dict(best["model"])
         if self.distributed:  # rank 0 read the best model: every rank evaluates it on test
-            _broadcast_(list(self.model.state_dict().values()))
+            distributed.broadcast_(list(self.model.state_dict().values()), dist.group.WORLD)
         best_epoch = self.best["epoch"]
         val_record = self.logger.history[best_epoch - self.logger.history[0]["epoch"]]
         summary = {
