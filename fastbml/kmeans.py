@@ -46,7 +46,7 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).square_()
 
 
-def _mean_variance(x: torch.Tensor, x_sq: torch.Tensor, group: object | None) -> torch.Tensor:
+def mean_variance(x: torch.Tensor, x_sq: torch.Tensor, group: object | None) -> torch.Tensor:
     """Mean over features of each feature's variance, over all ranks' points:
     (E||x||^2 - ||E x||^2) / D."""
     stats = torch.cat([x.sum(0, dtype=torch.float64), x_sq.sum(dtype=torch.float64)[None],
@@ -138,7 +138,7 @@ def _best_start(sample: torch.Tensor, k: int, n_init: int, max_iter: int, tol: f
     iterate together (one matrix product per step); a run leaves the batch once converged."""
     s_sq = squared_norms(sample)
     runs = _kmeans_plus_plus(sample, s_sq, k, n_init, generator)              # [n_init, k, D]
-    threshold = tol * float(_mean_variance(sample, s_sq, None))
+    threshold = tol * float(mean_variance(sample, s_sq, None))
     active = torch.arange(n_init, device=sample.device)
     offsets = active * k
     points = sample.repeat(n_init, 1)
@@ -203,7 +203,7 @@ def kmeans(x: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int 
     if group is not None:  # identical starts, even if a rank's linear algebra rounded otherwise
         dist.broadcast(centroids, src=dist.get_global_rank(group, 0), group=group)
     x_sq = squared_norms(x)
-    threshold = float(tol * _mean_variance(x, x_sq, group))
+    threshold = float(tol * mean_variance(x, x_sq, group))
     n_iter = 0
     while n_iter < max_iter:  # unchanged labels give unchanged centroids: shift 0, converged
         n_iter += 1

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .kmeans import initial_centroids, kmeans
+from .kmeans import initial_centroids, kmeans, mean_variance, squared_norms
 
 PURITY_BACKENDS = ("faiss", "torch", "sklearn")
 
@@ -95,7 +95,7 @@ def _faiss_clusters(x: torch.Tensor, k: int, n_init: int, max_iter: int, tol: fl
     start = initial_centroids(x, k, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
     points = np.ascontiguousarray(x.cpu().numpy())
     centroids = start.cpu().numpy()
-    threshold = tol * float(points.var(axis=0).mean())
+    threshold = tol * float(mean_variance(x, squared_norms(x), None))
     per_call = 10
     for _ in range(0, max_iter, per_call):
         km = faiss.Kmeans(points.shape[1], k, niter=per_call, seed=seed, verbose=False,
@@ -120,9 +120,9 @@ def _sklearn_clusters(x: torch.Tensor, k: int, n_init: int, max_iter: int, tol: 
 
 
 def _check_inputs(features: object, labels: object, n_clusters: object,
-                  group: object | None) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Validate (over all ranks of `group`); returns the number of classes the labels show and
-    this rank's column minima and maxima (which also reveal any NaN/Inf)."""
+                  group: object | None) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate (over all ranks of `group`); returns the number of classes the labels show, the
+    features as float32 and this rank's column minima and maxima (which also reveal NaN/Inf)."""
     if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("features and labels must be tensors, got "
                         f"{type(features).__name__} and {type(labels).__name__}")
@@ -137,7 +137,8 @@ def _check_inputs(features: object, labels: object, n_clusters: object,
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
-    low, high = _column_range(features.detach().to(torch.float32))
+    x = features.detach().to(torch.float32)
+    low, high = _column_range(x)
     finite = torch.isfinite(low) & torch.isfinite(high) if features.shape[0] else \
         torch.ones_like(low, dtype=torch.bool)
     stats = torch.stack([
@@ -157,7 +158,7 @@ def _check_inputs(features: object, labels: object, n_clusters: object,
         raise ValueError(f"labels must be >= 0, got {negative} negative labels")
     if n < n_clusters:
         raise ValueError(f"n_clusters = {n_clusters} exceeds the number of samples ({n})")
-    return int(top) + 1, low, high
+    return int(top) + 1, x, low, high
 
 
 def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int, *,
@@ -171,7 +172,7 @@ def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int
     The restarts (`n_init`) make the value stable across seeds; `seed` fixes it exactly.
     """
     group = distributed.resolve_group(group)
-    found_classes, low, high = _check_inputs(features, labels, n_clusters, group)
+    found_classes, x, low, high = _check_inputs(features, labels, n_clusters, group)
     if num_classes is None:
         num_classes = found_classes
     elif found_classes > num_classes:
@@ -181,7 +182,7 @@ def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     backend = resolve_kmeans_backend(backend, features.device, group is not None)
-    x = _scale(features.detach().to(torch.float32), low, high, group)
+    x = _scale(x, low, high, group)
     labels = labels.to(torch.long)
     if backend == "torch":
         clusters = kmeans(x, n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
