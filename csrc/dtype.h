@@ -89,4 +89,17 @@ inline Float16 from_float<Float16>(float f) {
   return {static_cast<uint16_t>(sign | h)};
 }
 
+// Calls f with `ptr` cast to the element type of `dtype` (float*, BFloat16* or Float16*).
+template <typename F>
+auto dispatch(DType dtype, void* ptr, F&& f) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return f(static_cast<BFloat16*>(ptr));
+    case DType::kFloat16:
+      return f(static_cast<Float16*>(ptr));
+    default:
+      return f(static_cast<float*>(ptr));
+  }
+}
+
 }  // namespace fastbml

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dtype.h"
@@ -61,19 +62,11 @@ void scale_rows(const T* x, T* out, int64_t rows, int64_t dim, int64_t row_strid
 FASTBML_SIMD_CLONES
 void scale_rows_any(DType dtype, uintptr_t in, uintptr_t out, int64_t first_row, int64_t rows,
                     int64_t dim, int64_t row_stride, const float* factor) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      scale_rows(reinterpret_cast<const BFloat16*>(in) + first_row * row_stride,
-                 reinterpret_cast<BFloat16*>(out) + first_row * dim, rows, dim, row_stride, factor);
-      break;
-    case DType::kFloat16:
-      scale_rows(reinterpret_cast<const Float16*>(in) + first_row * row_stride,
-                 reinterpret_cast<Float16*>(out) + first_row * dim, rows, dim, row_stride, factor);
-      break;
-    default:
-      scale_rows(reinterpret_cast<const float*>(in) + first_row * row_stride,
-                 reinterpret_cast<float*>(out) + first_row * dim, rows, dim, row_stride, factor);
-  }
+  dispatch(dtype, reinterpret_cast<void*>(out), [&](auto* y) {
+    using T = std::remove_pointer_t<decltype(y)>;
+    scale_rows(reinterpret_cast<const T*>(in) + first_row * row_stride, y + first_row * dim, rows,
+               dim, row_stride, factor);
+  });
 }
 
 struct Work {

@@ -3,23 +3,19 @@
 // into fixed-size chunks that one parallel loop rewrites in place.
 #include "lerp.h"
 
-#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "chunks.h"
 #include "dtype.h"
 #include "simd.h"
 
 namespace fastbml {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 18;
-
-struct Chunk {
-  int64_t tensor, begin, end;
-};
 
 template <typename T>
 void lerp_chunk(T* x, const T* y, int64_t n, float w) {
@@ -36,19 +32,10 @@ void lerp_chunk(T* x, const T* y, int64_t n, float w) {
 
 FASTBML_SIMD_CLONES
 void lerp_any(DType dtype, uintptr_t x, uintptr_t y, int64_t begin, int64_t end, float w) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      lerp_chunk(reinterpret_cast<BFloat16*>(x) + begin,
-                 reinterpret_cast<const BFloat16*>(y) + begin, end - begin, w);
-      break;
-    case DType::kFloat16:
-      lerp_chunk(reinterpret_cast<Float16*>(x) + begin,
-                 reinterpret_cast<const Float16*>(y) + begin, end - begin, w);
-      break;
-    default:
-      lerp_chunk(reinterpret_cast<float*>(x) + begin, reinterpret_cast<const float*>(y) + begin,
-                 end - begin, w);
-  }
+  dispatch(dtype, reinterpret_cast<void*>(x), [&](auto* px) {
+    using T = std::remove_pointer_t<decltype(px)>;
+    lerp_chunk(px + begin, reinterpret_cast<const T*>(y) + begin, end - begin, w);
+  });
 }
 
 }  // namespace
@@ -60,15 +47,12 @@ void multi_tensor_lerp(const std::vector<uintptr_t>& ptrs,
   const float* weights = reinterpret_cast<const float*>(weights_ptr);
   const int64_t n_tensors = static_cast<int64_t>(ptrs.size());
   std::vector<DType> dtype(n_tensors);
-  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < n_tensors; ++t) dtype[t] = dtype_from_code(dtypes[t]);
+  // weight 0 is the identity: such tensors get no chunk, so no memory traffic at all
+  const std::vector<Chunk> chunks =
+      chunk_table(numels, [&](int64_t t) { return weights[weight_index[t]] != 0.0f; });
   int64_t elements = 0;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    dtype[t] = dtype_from_code(dtypes[t]);
-    if (weights[weight_index[t]] == 0.0f) continue;  // identity: no traffic at all
-    for (int64_t b = 0; b < numels[t]; b += kChunk)
-      chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
-    elements += numels[t];
-  }
+  for (const Chunk& ch : chunks) elements += ch.end - ch.begin;
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static) if (elements >= kParallelElements)
   for (int64_t c = 0; c < n_chunks; ++c) {

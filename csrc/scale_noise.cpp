@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "chunks.h"
 #include "dtype.h"
 #include "philox.h"
 #include "scale_noise.h"
@@ -15,12 +16,7 @@
 namespace fastbml {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item (a multiple of 4)
-constexpr int64_t kTile = 256;       // Philox blocks drawn per inner tile (1024 normals)
-
-struct Chunk {
-  int64_t tensor, begin, end;
-};
+constexpr int64_t kTile = 256;  // Philox blocks drawn per inner tile (1024 normals)
 
 struct Moments {
   double count, mean, m2;
@@ -90,18 +86,6 @@ void scale_noise_chunk(T* x, int64_t n, float scale, float sigma, uint64_t seed,
   }
 }
 
-template <typename F>
-auto dispatch(DType dtype, void* ptr, F&& f) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return f(static_cast<BFloat16*>(ptr));
-    case DType::kFloat16:
-      return f(static_cast<Float16*>(ptr));
-    default:
-      return f(static_cast<float*>(ptr));
-  }
-}
-
 FASTBML_SIMD_CLONES
 Moments moments_of(DType dtype, void* ptr, int64_t begin, int64_t end) {
   return dispatch(dtype, ptr, [&](auto* x) { return chunk_moments(x + begin, end - begin); });
@@ -128,11 +112,8 @@ void multi_tensor_scale_noise(const std::vector<uintptr_t>& ptrs, const std::vec
   const int64_t n_tensors = static_cast<int64_t>(ptrs.size());
   const float* scales = reinterpret_cast<const float*>(scales_ptr);
   std::vector<DType> dtype(n_tensors);
-  std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    dtype[t] = dtype_from_code(dtypes[t]);
-    for (int64_t b = 0; b < numels[t]; b += kChunk) chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
-  }
+  for (int64_t t = 0; t < n_tensors; ++t) dtype[t] = dtype_from_code(dtypes[t]);
+  const std::vector<Chunk> chunks = chunk_table(numels, [](int64_t) { return true; });
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 
   std::vector<float> sigma(n_tensors, 0.0f);

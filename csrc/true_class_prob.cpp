@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dtype.h"
@@ -44,16 +45,11 @@ void tile_true_probs(const uintptr_t* groups, const int64_t* labels, int64_t bat
 FASTBML_SIMD_CLONES
 void true_probs(DType dtype, const uintptr_t* groups, const int64_t* labels, int64_t batch,
                 int64_t n_classes, int64_t first, int64_t last, float* shifted, float* prob) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return tile_true_probs<BFloat16>(groups, labels, batch, n_classes, first, last, shifted,
-                                       prob);
-    case DType::kFloat16:
-      return tile_true_probs<Float16>(groups, labels, batch, n_classes, first, last, shifted,
-                                      prob);
-    default:
-      return tile_true_probs<float>(groups, labels, batch, n_classes, first, last, shifted, prob);
-  }
+  // the pointer only selects the element type; the groups' own pointers are read inside
+  dispatch(dtype, nullptr, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    tile_true_probs<T>(groups, labels, batch, n_classes, first, last, shifted, prob);
+  });
 }
 
 }  // namespace
