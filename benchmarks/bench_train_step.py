@@ -10,12 +10,14 @@ CPU inputs are reduced (spectrogram 1x128x96, one 112x112 frame) to keep the run
 modulation's cost does not depend on the input size, so the reduced step gives the *larger*
 relative overhead. On CUDA the inputs are CREMA-D-sized (1x257x188, one 224x224 frame).
 
-    python -m benchmarks.bench_train_step        # each method's overhead over joint, interleaved
+    python -m benchmarks.bench_train_step   # overheads, interleaved; also written to
+                                            # benchmarks/results/<device>-train-step-overhead.md
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 
 import torch
 from torch.nn import functional as F
@@ -25,6 +27,7 @@ from fastbml.models import InputSpec
 from fastbml.train import Trainer, make_config
 
 from .harness import ORIGINAL, Case, median, time_case
+from .report import RESULTS, device_name
 
 BATCH = 64
 CLASSES = 6
@@ -103,10 +106,18 @@ def main(rounds: int = 15) -> None:
             if r >= 2:  # two warm-up rounds
                 samples[case.impl] += seconds
     times = {impl: median(s) for impl, s in samples.items()}
-    print(f"{device}, {torch.get_num_threads()} threads; median of {rounds} interleaved steps, "
-          "overhead vs joint")
-    for impl, seconds in times.items():
-        print(f"{impl:14s} {seconds * 1e3:9.1f} ms  {100 * (seconds / times['joint'] - 1):+6.1f}%")
+    name = device_name(device)
+    lines = [f"# Training-step overhead on {name}", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {all_cases[0].shape}; "
+             f"median of {rounds} steps per method, the methods interleaved step by step.", "",
+             "| method | median ms | overhead vs joint |", "|---|---:|---:|"]
+    lines += [f"| {impl} | {seconds * 1e3:.1f} | {100 * (seconds / times['joint'] - 1):+.1f}% |"
+              for impl, seconds in times.items()]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}-train-step-overhead.md").write_text(table)
 
 
 if __name__ == "__main__":
