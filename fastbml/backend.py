@@ -28,6 +28,14 @@ def cpp_module() -> ModuleType | None:
     return _C
 
 
+def require_cpp() -> ModuleType:
+    """fastbml._C, or a RuntimeError that says how to build it."""
+    module = cpp_module()
+    if module is None:
+        raise RuntimeError(f"fastbml: {_why_unavailable('cpp', torch.device('cpu'))}")
+    return module
+
+
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None

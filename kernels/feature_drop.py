@@ -49,11 +49,14 @@ def _coin(seed, threshold, like):
     return _uniform_at(seed, STREAM_COIN, tl.zeros_like(like).to(tl.int64)) >= threshold
 
 
-@triton.jit(do_not_specialize=["seed", "mask_seed", "batch", "n_mod"])
+@triton.jit(do_not_specialize=["batch", "n_mod"])
 def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog, q, n_mod, batch,
-                       total_dim, threshold, seed, mask_seed, DTYPE: tl.constexpr, MP: tl.constexpr,
-                       ROWS: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr):
+                       total_dim, threshold, seed_ptr, mask_seed_ptr, DTYPE: tl.constexpr,
+                       MP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                       ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
+    seed = tl.load(seed_ptr)
+    mask_seed = tl.load(mask_seed_ptr)
     mods = tl.arange(0, MP)
     starts = tl.load(first_prog + mods, mask=mods < n_mod, other=2**62)
     m = tl.sum((starts <= pid).to(tl.int32)) - 1
@@ -84,10 +87,13 @@ def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog,
     tl.store(dst + rows64 * dim + cols[None, :], (x * factor[:, None]).to(DTYPE), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed", "mask_seed", "batch", "n_mod"])
-def _weights_kernel(q, weights, n_mod, batch, threshold, seed, mask_seed, ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["batch", "n_mod"])
+def _weights_kernel(q, weights, n_mod, batch, threshold, seed_ptr, mask_seed_ptr,
+                    ROWS: tl.constexpr):
     """One program: kappa_i = coin ? any_m keep[m, i] : 1, then weights = kappa / sum(kappa)."""
     offs = tl.arange(0, ROWS)
+    seed = tl.load(seed_ptr)
+    mask_seed = tl.load(mask_seed_ptr)
     executed = _coin(seed, threshold, offs)
     total = tl.zeros((ROWS,), tl.float32)
     for r0 in range(0, batch, ROWS):
@@ -107,12 +113,14 @@ def _weights_kernel(q, weights, n_mod, batch, threshold, seed, mask_seed, ROWS: 
 
 
 def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-                   q: torch.Tensor, *, threshold: float, seed: int, mask_seed: int,
-                   weights: torch.Tensor | None = None, block: int | None = None) -> None:
+                   q: torch.Tensor, *, threshold: float, seed: torch.Tensor,
+                   mask_seed: torch.Tensor, weights: torch.Tensor | None = None,
+                   block: int | None = None) -> None:
     """outputs[m] <- inputs[m] * factor[m, row] (see the module docstring); weights [B] if given.
 
     inputs[m] is [B, d_m] with unit column stride (any row stride), outputs[m] a contiguous
-    [B, d_m] tensor of the same dtype (may be inputs[m] itself); q is float32 [M] on the device.
+    [B, d_m] tensor of the same dtype (may be inputs[m] itself); q is float32 [M] on the device;
+    the seeds are int64 0-dim device tensors, read by the kernels (no host sync).
     """
     device = inputs[0].device
     batch = inputs[0].shape[0]

@@ -60,9 +60,9 @@ def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexp
     tl.store(sigma + t, tl.sqrt(var) + eps)
 
 
-@triton.jit(do_not_specialize=["seed", "stream"])
+@triton.jit(do_not_specialize=["stream"])
 def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, sigma,
-                    chunk_tensor, chunk_start, seed, stream,
+                    chunk_tensor, chunk_start, seed_ptr, stream,
                     NOISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                     ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
@@ -71,14 +71,17 @@ def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, s
     y = tl.load(scales + tl.load(scale_index + t)) * load_chunk(ptr, count, BLOCK)
     if NOISE:
         first = tl.load(offset_table + t) + start
-        y += tl.load(sigma + t) * normal_block(seed, stream, first, BLOCK)
+        y += tl.load(sigma + t) * normal_block(tl.load(seed_ptr), stream, first, BLOCK)
     store_chunk(ptr, y.to(DTYPE), count, BLOCK)
 
 
 def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
                               scale_index: Sequence[int], scales: torch.Tensor, *, noise: bool,
-                              seed: int, stream: int, eps: float, block: int | None = None) -> None:
-    """In place on contiguous tensors; `offsets` are their starts in the random stream (% 4 == 0).
+                              seed: torch.Tensor, stream: int, eps: float,
+                              block: int | None = None) -> None:
+    """In place on contiguous tensors; `offsets` are their starts in the random stream (% 4 == 0),
+    `seed` an int64 0-dim device tensor (read by the kernel: no host sync, and a captured CUDA
+    graph draws the seed the tensor holds at replay).
 
     Tensors of different dtypes go in separate launches (one set per dtype)."""
     if not tensors:

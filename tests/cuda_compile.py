@@ -30,7 +30,7 @@ def specs():
             "ALIGNED": "constexpr"}, {"DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
         yield f"rewrite[{name}]", scale_noise._rewrite_kernel, {
             **TABLES, "offset_table": "*i64", "scale_index": "*i64", "scales": "*fp32",
-            "sigma": "*fp32", "seed": "i64", "stream": "i32", "NOISE": "constexpr",
+            "sigma": "*fp32", "seed_ptr": "*i64", "stream": "i32", "NOISE": "constexpr",
             "DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}, {
             "NOISE": True, "DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
         yield f"lerp[{name}]", lerp._lerp_kernel, {
@@ -44,8 +44,8 @@ def specs():
         yield f"drop_scale[{name}]", feature_drop._drop_scale_kernel, {
             "in_table": "*i64", "out_table": "*i64", "stride_table": "*i64",
             "dim_table": "*i64", "first_prog": "*i64", "q": "*fp32", "n_mod": "i32",
-            "batch": "i32", "total_dim": "fp32", "threshold": "fp32", "seed": "i64",
-            "mask_seed": "i64", "DTYPE": "constexpr", "MP": "constexpr", "ROWS": "constexpr",
+            "batch": "i32", "total_dim": "fp32", "threshold": "fp32", "seed_ptr": "*i64",
+            "mask_seed_ptr": "*i64", "DTYPE": "constexpr", "MP": "constexpr", "ROWS": "constexpr",
             "COLS": "constexpr", "ALIGNED": "constexpr"}, {
             "DTYPE": dtype, "MP": 4, "ROWS": 8, "COLS": 512, "ALIGNED": True}
     yield "sigma", scale_noise._sigma_kernel, {
@@ -53,7 +53,7 @@ def specs():
         "n_iters": "i32", "CHUNKS": "constexpr"}, {"CHUNKS": 1024}
     yield "weights", feature_drop._weights_kernel, {
         "q": "*fp32", "weights": "*fp32", "n_mod": "i32", "batch": "i32", "threshold": "fp32",
-        "seed": "i64", "mask_seed": "i64", "ROWS": "constexpr"}, {"ROWS": 256}
+        "seed_ptr": "*i64", "mask_seed_ptr": "*i64", "ROWS": "constexpr"}, {"ROWS": 256}
 
 
 def main():

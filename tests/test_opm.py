@@ -124,7 +124,8 @@ def test_triton_result_does_not_depend_on_the_block_size(block):
     q = torch.tensor([0.5, 0.3], device=DEVICE)
     outs = [torch.empty_like(f) for f in feats]
     weights = torch.empty(50, device=DEVICE)
-    opm_drop_scale(feats, outs, q, threshold=0.0, seed=99, mask_seed=99, weights=weights,
+    seed = torch.tensor(99, device=DEVICE)
+    opm_drop_scale(feats, outs, q, threshold=0.0, seed=seed, mask_seed=seed, weights=weights,
                    block=block)
     expected, expected_w = definition(feats, q, 1.0, 99)
     for out, exp in zip(outs, expected):

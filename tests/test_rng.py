@@ -95,7 +95,7 @@ def test_triton_block_size_does_not_change_the_draws():
         torch.manual_seed(3)
         tensors = [torch.randn(n, device=DEVICE) for n in (9000, 13)]
         launch(tensors, [0, 9000], [0, 0], torch.full((1,), 0.5, device=DEVICE), noise=True,
-               seed=5, stream=0, eps=1e-8, block=block)
+               seed=torch.tensor(5, device=DEVICE), stream=0, eps=1e-8, block=block)
         results.append(torch.cat(tensors))
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0], results[2], rtol=1e-6, atol=1e-6)

@@ -30,15 +30,17 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._C import _functions
 from torch.autograd.function import once_differentiable
 
 from .. import rng
-from ..backend import cpp_module, resolve_backend
+from ..backend import require_cpp, resolve_backend
+from . import _library
 from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
 
 
-def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float, seed: int,
-             mask_seed: int):
+def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float,
+             seed: torch.Tensor, mask_seed: torch.Tensor):
     """(factor [M, B], kappa [B]) in float32 on q's device: the torch definition of the op."""
     device = q.device
     executed = rng.philox_uniform(seed, rng.STREAM_COIN, 1, device=device) >= threshold
@@ -52,39 +54,14 @@ def _factors(q: torch.Tensor, dims: Sequence[int], batch: int, threshold: float,
     return factor, kappa
 
 
-def _torch_impl(inputs, q, threshold, seed, mask_seed, want_weights):
-    batch = inputs[0].shape[0]
-    factor, kappa = _factors(q, [x.shape[1] for x in inputs], batch, threshold, seed, mask_seed)
-    outputs = [(x.to(torch.float32) * f[:, None]).to(x.dtype) for x, f in zip(inputs, factor)]
-    weights = kappa / kappa.sum().clamp(min=1.0) if want_weights else None
-    return outputs, weights
-
-
-def _cpp_impl(inputs, q, threshold, seed, mask_seed, want_weights):
-    batch = inputs[0].shape[0]
-    outputs = [torch.empty(x.shape, dtype=x.dtype) for x in inputs]
-    weights = torch.empty(batch, dtype=torch.float32) if want_weights else None
-    cpp_module().opm_drop_scale(
-        [x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs],
-        CPP_DTYPE_CODES[inputs[0].dtype], batch, [x.shape[1] for x in inputs],
-        [x.stride(0) for x in inputs], q.data_ptr(), threshold, seed, mask_seed,
-        weights.data_ptr() if want_weights else 0)
-    return outputs, weights
-
-
-def _triton_impl(inputs, q, threshold, seed, mask_seed, want_weights):
-    from ..kernels.feature_drop import opm_drop_scale
-
-    device = inputs[0].device
-    outputs = [torch.empty(x.shape, dtype=x.dtype, device=device) for x in inputs]
-    weights = (torch.empty(inputs[0].shape[0], dtype=torch.float32, device=device)
-               if want_weights else None)
-    opm_drop_scale(inputs, outputs, q, threshold=threshold, seed=seed, mask_seed=mask_seed,
-                   weights=weights)
-    return outputs, weights
-
-
-_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+def _torch_impl(features, q, threshold, seed, mask_seed):
+    """The reference: the op in plain torch."""
+    batch = features[0].shape[0]
+    dims = [math.prod(f.shape[1:]) for f in features]
+    factor, kappa = _factors(q, dims, batch, threshold, seed, mask_seed)
+    outputs = [(f.to(torch.float32) * fm.view(-1, *[1] * (f.dim() - 1))).to(f.dtype)
+               for f, fm in zip(features, factor)]
+    return outputs, kappa / kappa.sum().clamp(min=1.0)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -93,28 +70,69 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
 
 
-class _OPMDrop(torch.autograd.Function):
-    """Forward and backward are the same fused pass: multiply by the regenerated factors."""
+def _cpp_kernel(features, q, threshold, seed, mask_seed):
+    rows = [_as_rows(f) for f in features]
+    batch = rows[0].shape[0]
+    outputs = [torch.empty(f.shape, dtype=f.dtype) for f in features]
+    weights = torch.empty(batch, dtype=torch.float32)
+    require_cpp().opm_drop_scale(
+        [x.data_ptr() for x in rows], [y.data_ptr() for y in outputs],
+        CPP_DTYPE_CODES[rows[0].dtype], batch, [x.shape[1] for x in rows],
+        [x.stride(0) for x in rows], q.data_ptr(), threshold, int(seed), int(mask_seed),
+        weights.data_ptr())
+    return outputs, weights
 
-    @staticmethod
-    def forward(ctx, q, threshold, seed, mask_seed, impl, *features):
-        shapes = [f.shape for f in features]
-        outputs, weights = _IMPLS[impl]([_as_rows(f) for f in features], q, threshold, seed,
-                                        mask_seed, True)
-        ctx.save_for_backward(q)
-        ctx.threshold, ctx.seed, ctx.mask_seed, ctx.impl = threshold, seed, mask_seed, impl
-        ctx.mark_non_differentiable(weights)
-        return (*(y.view(s) for y, s in zip(outputs, shapes)), weights)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        (q,) = ctx.saved_tensors
-        grad_features = grads[:-1]
-        rows = [_as_rows(g) for g in grad_features]
-        grad_inputs, _ = _IMPLS[ctx.impl](rows, q, ctx.threshold, ctx.seed, ctx.mask_seed, False)
-        shaped = [g.view(f.shape) for g, f in zip(grad_inputs, grad_features)]
-        return (None, None, None, None, None, *shaped)
+def _triton_kernel(features, q, threshold, seed, mask_seed):
+    from ..kernels.feature_drop import opm_drop_scale
+
+    rows = [_as_rows(f) for f in features]
+    device = rows[0].device
+    outputs = [torch.empty(f.shape, dtype=f.dtype, device=device) for f in features]
+    weights = torch.empty(rows[0].shape[0], dtype=torch.float32, device=device)
+    opm_drop_scale(rows, [y.view(x.shape) for x, y in zip(rows, outputs)], q,
+                   threshold=threshold, seed=seed, mask_seed=mask_seed, weights=weights)
+    return outputs, weights
+
+
+def _fake(features, q, threshold, seed, mask_seed):
+    weights = features[0].new_empty(features[0].shape[0], dtype=torch.float32)
+    return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in features], weights
+
+
+opm_drop_op = _library.define(
+    "opm_drop",
+    "(Tensor[] features, Tensor q, float threshold, Tensor seed, Tensor mask_seed) "
+    "-> (Tensor[] outputs, Tensor weights)",
+    cpu=_cpp_kernel, cuda=_triton_kernel, fake=_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    features, q, threshold, seed, mask_seed = inputs
+    ctx.save_for_backward(q, seed, mask_seed)
+    ctx.threshold = threshold
+    ctx.shapes = [(f.shape, f.dtype) for f in features]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_outputs, grad_weights):
+    """The output gradients times the same factors, regenerated from the seeds. Like every
+    backend's backward it is once differentiable: a double backward raises."""
+    q, seed, mask_seed = ctx.saved_tensors
+    grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=q.device)
+             for g, (shape, dtype) in zip(grad_outputs, ctx.shapes)]
+    with torch.no_grad():
+        grad_features, _ = opm_drop_op(grads, q, ctx.threshold, seed, mask_seed)
+    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
+        refuse = _functions.DelayedError(b"fastbml.opm_drop does not support double backward",
+                                         len(grad_features))
+        grad_features = refuse(*(g.detach().requires_grad_() for g in grad_features))
+        grad_features = [grad_features] if isinstance(grad_features, torch.Tensor) else grad_features
+    return list(grad_features), None, None, None, None
+
+
+torch.library.register_autograd("fastbml::opm_drop", _backward, setup_context=_setup_context,
+                                lib=_library._LIB)
 
 
 def _check_features(features) -> list[torch.Tensor]:
@@ -201,15 +219,40 @@ def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float]
 
 
 def drop_with_valid_q(features: Sequence[torch.Tensor], q: torch.Tensor, *, p_exe: float,
-                      seed: int | None, mask_seed: int | None,
+                      seed: rng.Seed | None, mask_seed: rng.Seed | None,
                       backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """`opm_drop` for a q already known to be a float32 [M] tensor in [0, 1] on the features'
     device (as `opm_drop_probs` returns it): skips q's range check, which costs device launches
     on every training step. The features are still checked (on the host, at no device cost)."""
     features = _check_features(features)
+    device = features[0].device
     threshold = 1.0 - check_probability(p_exe, "p_exe")
-    seed = rng.resolve_seed(seed)
-    mask_seed = seed if mask_seed is None else rng.check_seed(mask_seed, "mask_seed")
-    impl = resolve_backend(backend, features[0].device)
-    *outputs, weights = _OPMDrop.apply(q.detach(), threshold, seed, mask_seed, impl, *features)
+    seed = rng.seed_tensor(seed, device)
+    mask_seed = seed if mask_seed is None else rng.seed_tensor(mask_seed, device, "mask_seed")
+    impl = resolve_backend(backend, device)
+    q = q.detach()
+    if impl == "cpp" or device.type == "cuda":
+        outputs, weights = opm_drop_op(features, q, threshold, seed, mask_seed)
+        return list(outputs), weights
+    kernel = _torch_impl if impl == "torch" else _triton_kernel  # triton: the interpreter
+    *outputs, weights = _OPMDrop.apply(kernel, q, threshold, seed, mask_seed, *features)
     return outputs, weights
+
+
+class _OPMDrop(torch.autograd.Function):
+    """The op's autograd for the paths that do not go through it (the torch reference and
+    the Triton interpreter): forward and backward are the same pass."""
+
+    @staticmethod
+    def forward(ctx, kernel, q, threshold, seed, mask_seed, *features):
+        outputs, weights = kernel(list(features), q, threshold, seed, mask_seed)
+        ctx.kernel = kernel
+        _setup_context(ctx, (features, q, threshold, seed, mask_seed), (outputs, weights))
+        return (*outputs, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        q, seed, mask_seed = ctx.saved_tensors
+        grad_features, _ = ctx.kernel(list(grads[:-1]), q, ctx.threshold, seed, mask_seed)
+        return (None, None, None, None, None, *grad_features)

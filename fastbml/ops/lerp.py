@@ -5,6 +5,7 @@ Computed in float32 whatever the storage dtype, with torch.lerp's two-sided form
 and weight 0 leaves finite values unchanged (the torch path may turn -0.0 into +0.0). The cpp
 and triton backends skip tensors whose weight is exactly 0 altogether: no memory traffic, and
 the bits stay as they were (-0.0, and x where the target holds NaN, included).
+Registered as `torch.ops.fastbml.lerp_`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backend import cpp_module, resolve_backend
+from ..backend import require_cpp, resolve_backend
+from . import _library
 from ._multi_tensor import CPP_DTYPE_CODES, ContiguousWork
 
 
@@ -29,17 +31,17 @@ def _torch_impl(tensors, targets, weight_index, weights):
         torch._foreach_copy_(list(originals), list(results))
 
 
-def _cpp_impl(tensors, targets, weight_index, weights):
+def _cpp_kernel(tensors, targets, weight_index, weights):
     work = ContiguousWork(tensors)
     targets = [t.contiguous() for t in targets]  # kept alive across the call
-    cpp_module().multi_tensor_lerp(
+    require_cpp().multi_tensor_lerp(
         [t.data_ptr() for t in work.tensors], [t.data_ptr() for t in targets],
         [CPP_DTYPE_CODES[t.dtype] for t in work.tensors], [t.numel() for t in work.tensors],
         weight_index, weights.data_ptr())
     work.write_back()
 
 
-def _triton_impl(tensors, targets, weight_index, weights):
+def _triton_kernel(tensors, targets, weight_index, weights):
     from ..kernels.lerp import multi_tensor_lerp_ as launch
 
     work = ContiguousWork(tensors)
@@ -47,7 +49,13 @@ def _triton_impl(tensors, targets, weight_index, weights):
     work.write_back()
 
 
-_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+def _fake(tensors, targets, weight_index, weights):
+    return None
+
+
+lerp_op = _library.define(
+    "lerp_", "(Tensor(a!)[] tensors, Tensor[] targets, int[] weight_index, Tensor weights) -> ()",
+    cpu=_cpp_kernel, cuda=_triton_kernel, fake=_fake)
 
 
 def multi_tensor_lerp_(tensors: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
@@ -61,6 +69,11 @@ def multi_tensor_lerp_(tensors: Sequence[torch.Tensor], targets: Sequence[torch.
     tensors = list(tensors)
     if not tensors:
         return
+    device = tensors[0].device
     weights = weights.to(torch.float32).contiguous()
-    impl = resolve_backend(backend, tensors[0].device)
-    _IMPLS[impl](tensors, list(targets), list(weight_index), weights)
+    impl = resolve_backend(backend, device)
+    args = (tensors, list(targets), list(weight_index), weights)
+    if impl == "torch":
+        _torch_impl(*args)
+    else:
+        _library.call(lerp_op, _triton_kernel, impl, device, *args)

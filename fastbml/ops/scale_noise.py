@@ -3,6 +3,7 @@
 The std is that of each tensor's values *before* scaling. A tensor with one element has no
 unbiased std; its noise std is `eps`. Non-finite values are not masked: a tensor that holds
 inf/NaN comes out non-finite (its std is non-finite), the other tensors are unaffected.
+Registered as `torch.ops.fastbml.scale_noise_`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from collections.abc import Sequence
 import torch
 
 from .. import rng
-from ..backend import cpp_module, resolve_backend
+from ..backend import require_cpp, resolve_backend
+from . import _library
 from ._multi_tensor import CPP_DTYPE_CODES, ContiguousWork, stream_offsets
 
 
-def _torch_impl(tensors, offsets, scale_index, scales, noise, seed, stream, eps):
+def _torch_impl(tensors, scale_index, scales, seed, stream, eps, noise):
     device = tensors[0].device
     numels = [t.numel() for t in tensors]
+    offsets = stream_offsets(numels)
     flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
     segment = torch.repeat_interleave(torch.arange(len(tensors), device=device),
                                       torch.tensor(numels, device=device),
@@ -40,41 +43,55 @@ def _torch_impl(tensors, offsets, scale_index, scales, noise, seed, stream, eps)
     torch._foreach_copy_(tensors, [o.view_as(t) for o, t in zip(out.split(numels), tensors)])
 
 
-def _cpp_impl(tensors, offsets, scale_index, scales, noise, seed, stream, eps):
+def _cpp_kernel(tensors, scale_index, scales, seed, stream, eps, noise):
     work = ContiguousWork(tensors)
-    cpp_module().multi_tensor_scale_noise(
+    require_cpp().multi_tensor_scale_noise(
         [t.data_ptr() for t in work.tensors], [CPP_DTYPE_CODES[t.dtype] for t in work.tensors],
-        [t.numel() for t in work.tensors], offsets, scale_index, scales.data_ptr(),
-        noise, seed, stream, eps)
+        [t.numel() for t in work.tensors], stream_offsets([t.numel() for t in work.tensors]),
+        scale_index, scales.data_ptr(), noise, int(seed), stream, eps)
     work.write_back()
 
 
-def _triton_impl(tensors, offsets, scale_index, scales, noise, seed, stream, eps):
+def _triton_kernel(tensors, scale_index, scales, seed, stream, eps, noise):
     from ..kernels.scale_noise import multi_tensor_scale_noise_ as launch
 
     work = ContiguousWork(tensors)
-    launch(work.tensors, offsets, scale_index, scales, noise=noise, seed=seed, stream=stream,
-           eps=eps)
+    launch(work.tensors, stream_offsets([t.numel() for t in work.tensors]), scale_index, scales,
+           noise=noise, seed=seed, stream=stream, eps=eps)
     work.write_back()
 
 
-_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+def _fake(tensors, scale_index, scales, seed, stream, eps, noise):
+    return None
+
+
+scale_noise_op = _library.define(
+    "scale_noise_",
+    "(Tensor(a!)[] tensors, int[] scale_index, Tensor scales, Tensor seed, int stream, "
+    "float eps, bool noise) -> ()",
+    cpu=_cpp_kernel, cuda=_triton_kernel, fake=_fake)
 
 
 def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], scale_index: Sequence[int],
-                              scales: torch.Tensor, *, noise: bool, seed: int,
+                              scales: torch.Tensor, *, noise: bool, seed: rng.Seed,
                               stream: int = rng.STREAM_NOISE, eps: float = 1e-8,
                               backend: str = "auto") -> None:
     """In place: tensors[t] <- scales[scale_index[t]] * tensors[t] (+ noise).
 
     Arguments are trusted (validated by the caller): floating tensors on one device, `scales` a
-    float32 vector on that device. The noise of element i of tensor t is the Philox normal of
-    flattened index stream_offsets(numels)[t] + i under (seed, stream).
+    float32 vector on that device, `seed` an int or an int64 0-dim tensor on that device. The
+    noise of element i of tensor t is the Philox normal of flattened index
+    stream_offsets(numels)[t] + i under (seed, stream).
     """
     tensors = list(tensors)
     if not tensors:
         return
-    offsets = stream_offsets([t.numel() for t in tensors])
+    device = tensors[0].device
     scales = scales.to(torch.float32).contiguous()
-    impl = resolve_backend(backend, tensors[0].device)
-    _IMPLS[impl](tensors, offsets, list(scale_index), scales, noise, seed, stream, eps)
+    seed = rng.seed_tensor(seed, device)
+    impl = resolve_backend(backend, device)
+    args = (tensors, list(scale_index), scales, seed, stream, float(eps), bool(noise))
+    if impl == "torch":
+        _torch_impl(*args)
+    else:
+        _library.call(scale_noise_op, _triton_kernel, impl, device, *args)

@@ -1,4 +1,7 @@
-"""`modality_scores`: how much probability each modality's logits give the true labels."""
+"""`modality_scores`: how much probability each modality's logits give the true labels.
+
+Registered as `torch.ops.fastbml.modality_scores` (the per-modality sums, float32 [M]).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backend import cpp_module, resolve_backend
+from ..backend import require_cpp, resolve_backend
+from . import _library
 from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
 
 
@@ -17,25 +21,30 @@ def _torch_impl(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor
     return log_probs.gather(-1, index).squeeze(-1).exp().sum(dim=1)
 
 
-def _cpp_impl(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def _cpp_kernel(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     parts = [u.contiguous() for u in parts]
     out = torch.empty(len(parts), dtype=torch.float32)
     batch, n_classes = parts[0].shape
-    outside = cpp_module().true_class_prob_sums([u.data_ptr() for u in parts],
-                                                CPP_DTYPE_CODES[parts[0].dtype], batch,
-                                                n_classes, labels.data_ptr(), out.data_ptr())
+    outside = require_cpp().true_class_prob_sums([u.data_ptr() for u in parts],
+                                                 CPP_DTYPE_CODES[parts[0].dtype], batch,
+                                                 n_classes, labels.data_ptr(), out.data_ptr())
     if outside:
         raise _labels_outside(n_classes)
     return out
 
 
-def _triton_impl(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def _triton_kernel(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     from ..kernels.true_class_prob import true_class_prob_sums
 
     return true_class_prob_sums(torch.stack(parts), labels)
 
 
-_IMPLS = {"torch": _torch_impl, "cpp": _cpp_impl, "triton": _triton_impl}
+def _fake(parts: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return parts[0].new_empty(len(parts), dtype=torch.float32)
+
+
+scores_op = _library.define("modality_scores", "(Tensor[] logits, Tensor labels) -> Tensor",
+                            cpu=_cpp_kernel, cuda=_triton_kernel, fake=_fake)
 
 
 def _logit_parts(logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -84,13 +93,13 @@ def _labels_outside(n_classes: int) -> ValueError:
 
 
 def _check_label_range(labels: torch.Tensor, n_classes: int) -> None:
-    """On CPU a ValueError; on CUDA a device-side assert (no host sync)."""
+    """On CPU a ValueError; on CUDA, and inside a compiled graph, an assert on the device (no
+    host sync, no graph break)."""
     in_range = ((labels >= 0) & (labels < n_classes)).all()
-    if labels.device.type == "cpu":
-        if not in_range:
-            raise _labels_outside(n_classes)
-    elif labels.device.type == "cuda":
+    if labels.device.type == "cuda" or torch.compiler.is_compiling():
         torch._assert_async(in_range, f"fastbml: labels must lie in [0, {n_classes})")
+    elif labels.device.type == "cpu" and not in_range:
+        raise _labels_outside(n_classes)
 
 
 def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
@@ -110,4 +119,6 @@ def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch
     impl = resolve_backend(backend, device)
     if impl != "cpp":  # the cpp kernel checks the range itself
         _check_label_range(labels, n_classes)
-    return _IMPLS[impl](parts, labels)
+    if impl == "torch":
+        return _torch_impl(parts, labels)
+    return _library.call(scores_op, _triton_kernel, impl, device, parts, labels)
