@@ -71,8 +71,11 @@ def _warn_fallback(preferred: str, reason: str) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run an op on `device`: validates an explicit name, resolves "auto"."""
+    """The backend that will run an op on `device`: validates an explicit name, resolves "auto".
+
+    A host-side decision: under torch.compile it is made once, while tracing."""
     if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
     if backend == "auto":

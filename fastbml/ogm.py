@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed, rng
+from .ops._library import check_plain
 from .ops._multi_tensor import FLOAT_DTYPES
 from .ops.scale_noise import multi_tensor_scale_noise_
 from .ops.scores import modality_scores
@@ -73,7 +74,8 @@ def _grouped(params, modality_index) -> list[list[torch.Tensor]]:
 
 
 def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int] | None = None,
-                  noise: bool = True, seed: int | None = None, backend: str = "auto") -> None:
+                  noise: bool = True, seed: rng.Seed | None = None,
+                  backend: str = "auto") -> None:
     """In place on every param's `.grad`: g <- k_m * g (+ N(0, (std(g) + 1e-8)^2) if `noise`).
 
     `params` is one list of parameters per modality (or a flat list with `modality_index`);
@@ -81,7 +83,9 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
     1-element gradient gets noise std 1e-8. Parameters whose grad is None are skipped. Non-finite
     gradients are not masked: a tensor holding inf/NaN stays non-finite, the others are
     unaffected (with AMP, GradScaler has already recorded the overflow and skips the step).
-    Noise is drawn from the Philox stream of `seed` (fresh from torch's generator when None).
+    Noise is drawn from the Philox stream of `seed`: an int, an int64 0-dim tensor on the
+    gradients' device (what a compiled step should pass: it is read on the device and never
+    specialises the graph), or None for a fresh seed from torch's CPU generator.
     """
     groups = _grouped(params, modality_index)
     if not isinstance(coeffs, torch.Tensor):
@@ -99,6 +103,7 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
             seen.add(id(p))
             if p.grad is None:
                 continue
+            check_plain(p.grad, f"params[{m}][{j}].grad")
             if p.grad.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"params[{m}][{j}].grad must be float32, bfloat16 or float16, "
                                 f"got {p.grad.dtype}")
@@ -109,9 +114,8 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
                 raise TypeError(f"params[{m}][{j}].grad is sparse; OGM needs dense gradients")
             grads.append(p.grad)
             scale_index.append(m)
-    multi_tensor_scale_noise_(grads, scale_index, coeffs.detach(), noise=noise,
-                              seed=rng.resolve_seed(seed), stream=rng.STREAM_NOISE,
-                              eps=NOISE_EPS, backend=backend)
+    multi_tensor_scale_noise_(grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
+                              stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
 
 
 GroupSpec = nn.Module | Iterable[torch.Tensor]
@@ -130,11 +134,13 @@ class OGM:
     explicit list of parameters (taken as given). Modulation runs for start <= epoch <= end
     (inclusive; `end=None` is open) and epoch >= warmup_epochs. `noise=False` gives plain OGM.
     Step t draws its noise from rng.step_seed(seed, t), so a resumed run (state_dict) continues
-    the same stream. Under DDP (`process_group="auto"` with torch.distributed initialised, or an
+    the same stream; t is counted in a device tensor, so `step` compiles to one graph with
+    `torch.compile(fullgraph=True)`. Under DDP (`process_group="auto"` with torch.distributed initialised, or an
     explicit group) the scores are summed over the ranks every step, so all ranks use the
     coefficients of the global batch, and every rank adds identical noise to its (already
-    all-reduced) gradients; rank 0's seed is shared when none is given, and the first step
-    checks that all ranks agree on modalities, parameter shapes and seed. With gradient accumulation, call `step` once per
+    all-reduced) gradients; rank 0's seed is shared when none is given, and construction (like
+    the first eager step after load_state_dict) checks that all ranks agree on modalities,
+    parameter shapes and seed. With gradient accumulation, call `step` once per
     optimizer step, after the last backward; the scores are then the last micro-batch's.
     `last_scores` and `last_coeffs` (device tensors, no sync) hold the latest step's values;
     the coefficients are the ones applied (ones outside the window).
@@ -161,10 +167,15 @@ class OGM:
         self.group = distributed.resolve_group(process_group)
         self.seed = (rng.check_seed(seed) if seed is not None
                      else distributed.shared_seed(rng.fresh_seed(), self.group))
-        self._checked = self.group is None
-        self.steps = 0
+        first = next((p for group in self.params for p in group), None)
+        # The step counter lives on the device: a compiled step reads and increments it there,
+        # so the graph is not specialised on the step number.
+        self._step = torch.zeros((), dtype=torch.int64,
+                                 device=first.device if first is not None else "cpu")
         self.last_scores: torch.Tensor | None = None
         self.last_coeffs: torch.Tensor | None = None
+        self._checked = False
+        self._check_ranks()
 
     @staticmethod
     def _select(name: str, spec: GroupSpec, conv_only: bool) -> list[torch.Tensor]:
@@ -193,21 +204,39 @@ class OGM:
                              f"{len(self.modalities)} ({', '.join(self.modalities)})")
         return logits
 
-    def step(self, logits: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-             labels: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Score the modalities on this batch and modulate the gradients; returns k [M]."""
-        if not self._checked:
+    @property
+    def steps(self) -> int:
+        """Steps taken so far (reads the device counter: a host sync on CUDA)."""
+        return int(self._step)
+
+    def _check_ranks(self) -> None:
+        """Under DDP, every rank must agree on the configuration and the seed: checked at
+        construction and again at the first eager step after load_state_dict."""
+        if self.group is None:
+            self._checked = True
+        elif not self._checked and not torch.compiler.is_compiling():
             distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OGM")
             self._checked = True
+
+    def step(self, logits: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+             labels: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Score the modalities on this batch and modulate the gradients; returns k [M].
+
+        Safe to compile with `torch.compile(fullgraph=True)`: one graph serves every step of
+        an epoch (the step counter and the step's seed live on the device).
+        """
+        self._check_ranks()
         scores = modality_scores(self._ordered(logits), labels, backend=self.backend)
         distributed.all_reduce_sum_(scores, self.group)
+        if self._step.device != scores.device:  # the model moved after construction
+            self._step = self._step.to(scores.device)
         if self.active(epoch):
             coeffs = ogm_coefficients(scores, self.alpha, self.form)
             ogm_modulate_(self.params, coeffs, noise=self.noise,
-                          seed=rng.step_seed(self.seed, self.steps), backend=self.backend)
+                          seed=rng.step_seed_tensor(self.seed, self._step), backend=self.backend)
         else:
             coeffs = torch.ones_like(scores)
-        self.steps += 1
+        self._step.add_(1)
         self.last_scores, self.last_coeffs = scores, coeffs
         return coeffs
 
@@ -221,4 +250,5 @@ class OGM:
 
     def load_state_dict(self, state: Mapping) -> None:
         self.seed = rng.check_seed(state["seed"])
-        self.steps = int(state["steps"])
+        self._step.fill_(int(state["steps"]))
+        self._checked = self.group is None

@@ -82,7 +82,9 @@ class OPM(nn.Module):
     the scores are summed over the ranks every training call, so every rank uses the q and theta
     of the global batch; all ranks share the coin (rank 0's seed is shared when none is given, and
     the first call checks that the ranks agree on the configuration and seed), while each rank
-    draws its own per-sample masks (mask seed: rng.step_seed(step seed, rank)). Each rank's
+    draws its own per-sample masks (mask seed: rng.step_seed(step seed, rank)). The call count
+    is a device buffer, so a model whose forward calls OPM compiles with
+    `torch.compile(fullgraph=True)` into one graph for every step. Each rank's
     weights normalise over its own kept rows; with M = 2 no row is ever removed, so DDP's gradient
     average equals the reference's global mean. `last_scores`, `last_q`, `last_theta` and
     `last_executed` give the latest training call's values as device tensors (no sync); q is
@@ -114,12 +116,30 @@ class OPM(nn.Module):
         self.group = distributed.resolve_group(process_group)
         self.seed = (rng.check_seed(seed) if seed is not None
                      else distributed.shared_seed(rng.fresh_seed(), self.group))
-        self._checked = self.group is None
-        self.steps = 0
+        self._rank = dist.get_rank(self.group) if self.group is not None else 0
+        # The call counter lives on the device (moved with the module): a compiled forward
+        # reads and increments it there, so the graph is not specialised on the step number.
+        self.register_buffer("_step", torch.zeros((), dtype=torch.int64), persistent=False)
         self.last_scores: torch.Tensor | None = None
         self.last_q: torch.Tensor | None = None
         self._last_dims: list[int] = []
-        self._last_seed: int | None = None
+        self._last_seed: torch.Tensor | None = None
+        self._checked = False
+        self._check_ranks()
+
+    @property
+    def steps(self) -> int:
+        """Training calls so far (reads the device counter: a host sync on CUDA)."""
+        return int(self._step)
+
+    def _check_ranks(self) -> None:
+        """Under DDP, every rank must agree on the configuration and the seed: checked at
+        construction and again at the first eager call after loading a state dict."""
+        if self.group is None:
+            self._checked = True
+        elif not self._checked and not torch.compiler.is_compiling():
+            distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OPM")
+            self._checked = True
 
     def active(self, epoch: int) -> bool:
         """Whether features are modulated in `epoch` (0-based) while training."""
@@ -148,15 +168,14 @@ class OPM(nn.Module):
         batch, device = ordered[0].shape[0], ordered[0].device
         if not self.training:
             return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
-        if not self._checked:
-            distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OPM")
-            self._checked = True
+        self._check_ranks()
         scores = modality_scores(self._ordered(logits, "logits"), labels, backend=self.backend)
         distributed.all_reduce_sum_(scores, self.group)
-        seed = rng.step_seed(self.seed, self.steps)
-        mask_seed = (seed if self.group is None
-                     else rng.step_seed(seed, dist.get_rank(self.group)))
-        self.steps += 1
+        if self._step.device != scores.device:  # features on a device the module is not on
+            self._step = self._step.to(scores.device)
+        seed = rng.step_seed_tensor(self.seed, self._step)
+        mask_seed = seed if self.group is None else rng.step_seed_tensor(seed, self._rank)
+        self._step.add_(1)
         self.last_scores = scores
         self._last_dims = [math.prod(f.shape[1:]) for f in ordered]
         if not self.active(epoch):
@@ -202,7 +221,8 @@ class OPM(nn.Module):
 
     def set_extra_state(self, state: Mapping) -> None:
         self.seed = rng.check_seed(state["seed"])
-        self.steps = int(state["steps"])
+        self._step.fill_(int(state["steps"]))
+        self._checked = self.group is None
 
     def extra_repr(self) -> str:
         return (f"modalities={self.modalities}, q_base={self.q_base}, lam={self.lam}, "

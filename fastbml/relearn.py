@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import torch
 
+from .ops._library import PLAIN_TENSORS, check_plain, check_unit_range
 from .ops._multi_tensor import FLOAT_DTYPES
 from .ops.lerp import multi_tensor_lerp_
 
@@ -112,6 +113,7 @@ def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
     for name, value in (("params", p), ("init_params", p0)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}{where} must be a tensor, got {type(value).__name__}")
+        check_plain(value, f"{name}{where}")
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"params{where} must be float32, bfloat16 or float16, got {p.dtype}")
     if p0.shape != p.shape:
@@ -123,15 +125,6 @@ def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
     if p.device != device:
         raise ValueError(f"params{where} is on {p.device} but the first parameter on {device}")
     raise ValueError(f"params{where} appears more than once")
-
-
-def _check_range_on_device(weights: torch.Tensor) -> None:
-    lo, hi = torch.aminmax(weights)  # NaN propagates into both and fails either check
-    if weights.device.type == "cpu":
-        if not (float(lo) >= 0.0 and float(hi) <= 1.0):
-            raise ValueError("strength must lie in [0, 1], got values outside it")
-    elif weights.device.type == "cuda":  # checked on device: no host sync
-        torch._assert_async((lo >= 0) & (hi <= 1), "fastbml: strength must lie in [0, 1]")
 
 
 def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.Tensor, *,
@@ -158,7 +151,7 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
         for j, (p, p0) in enumerate(zip(group, init)):
             # One cheap test per pair (this runs for every parameter of every encoder); the
             # detailed checks only to say what is wrong.
-            if not (isinstance(p, torch.Tensor) and isinstance(p0, torch.Tensor)
+            if not (type(p) in PLAIN_TENSORS and type(p0) in PLAIN_TENSORS
                     and p.dtype in FLOAT_DTYPES and p0.dtype == p.dtype
                     and p0.shape == p.shape and p.device == device and p0.device == device
                     and id(p) not in seen):
@@ -172,7 +165,7 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     if isinstance(weights, torch.Tensor):
         if weights.device != device:
             raise ValueError(f"strength is on {weights.device} but params on {device}")
-        _check_range_on_device(weights)
+        check_unit_range(weights, "strength")
     else:
         weights = torch.tensor(weights, dtype=torch.float32)
         if device.type == "cuda":  # a blocking copy would wait for the queued work

@@ -144,6 +144,7 @@ def _check_features(features) -> list[torch.Tensor]:
     for m, f in enumerate(features):
         if not isinstance(f, torch.Tensor):
             raise TypeError(f"features[{m}] must be a tensor, got {type(f).__name__}")
+        _library.check_plain(f, f"features[{m}]")
         if f.dtype not in FLOAT_DTYPES:
             raise TypeError(f"features[{m}] must be float32, bfloat16 or float16, got {f.dtype}")
         if f.dim() < 1:
@@ -168,12 +169,7 @@ def _check_q(q, n_mod: int, device: torch.device) -> torch.Tensor:
         if q.device != device:
             raise ValueError(f"q is on {q.device} but features on {device}")
         q = q.detach().to(torch.float32).contiguous()
-        lo, hi = torch.aminmax(q)  # NaN propagates into both and fails either check
-        if device.type == "cpu":
-            if not (float(lo) >= 0.0 and float(hi) <= 1.0):
-                raise ValueError("q must lie in [0, 1], got values outside it")
-        elif device.type == "cuda":  # checked on device: no host sync
-            torch._assert_async((lo >= 0) & (hi <= 1), "fastbml: q must lie in [0, 1]")
+        _library.check_unit_range(q, "q")
         return q
     if isinstance(q, (str, bytes)) or not isinstance(q, Sequence):
         raise TypeError(f"q must be a tensor or a sequence of floats, got {type(q).__name__}")
@@ -234,25 +230,34 @@ def drop_with_valid_q(features: Sequence[torch.Tensor], q: torch.Tensor, *, p_ex
     if impl == "cpp" or device.type == "cuda":
         outputs, weights = opm_drop_op(features, q, threshold, seed, mask_seed)
         return list(outputs), weights
-    kernel = _torch_impl if impl == "torch" else _triton_kernel  # triton: the interpreter
-    *outputs, weights = _OPMDrop.apply(kernel, q, threshold, seed, mask_seed, *features)
+    kernel, function = ((_torch_impl, _TorchDrop) if impl == "torch"
+                        else (_triton_kernel, _InterpretedDrop))  # triton: the interpreter
+    if not (torch.is_grad_enabled() and any(f.requires_grad for f in features)):
+        return kernel(features, q, threshold, seed, mask_seed)
+    *outputs, weights = function.apply(q, threshold, seed, mask_seed, *features)
     return outputs, weights
 
 
-class _OPMDrop(torch.autograd.Function):
-    """The op's autograd for the paths that do not go through it (the torch reference and
-    the Triton interpreter): forward and backward are the same pass."""
+def _autograd_of(kernel) -> type[torch.autograd.Function]:
+    """The op's autograd around a path that does not go through the op (the torch reference,
+    the Triton interpreter): forward and backward are the same pass of `kernel`."""
 
-    @staticmethod
-    def forward(ctx, kernel, q, threshold, seed, mask_seed, *features):
-        outputs, weights = kernel(list(features), q, threshold, seed, mask_seed)
-        ctx.kernel = kernel
-        _setup_context(ctx, (features, q, threshold, seed, mask_seed), (outputs, weights))
-        return (*outputs, weights)
+    class Drop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, threshold, seed, mask_seed, *features):
+            outputs, weights = kernel(list(features), q, threshold, seed, mask_seed)
+            _setup_context(ctx, (features, q, threshold, seed, mask_seed), (outputs, weights))
+            return (*outputs, weights)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        q, seed, mask_seed = ctx.saved_tensors
-        grad_features, _ = ctx.kernel(list(grads[:-1]), q, ctx.threshold, seed, mask_seed)
-        return (None, None, None, None, None, *grad_features)
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grads):
+            q, seed, mask_seed = ctx.saved_tensors
+            grad_features, _ = kernel(list(grads[:-1]), q, ctx.threshold, seed, mask_seed)
+            return (None, None, None, None, *grad_features)
+
+    return Drop
+
+
+_TorchDrop = _autograd_of(_torch_impl)
+_InterpretedDrop = _autograd_of(_triton_kernel)

@@ -50,6 +50,7 @@ scores_op = _library.define("modality_scores", "(Tensor[] logits, Tensor labels)
 def _logit_parts(logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The M detached [B, C] logits, checked to share shape, dtype and device."""
     if isinstance(logits, torch.Tensor):
+        _library.check_plain(logits, "logits")
         if logits.dim() != 3:
             raise ValueError(f"logits as one tensor must be [M, B, C], got shape {tuple(logits.shape)}")
         parts = list(logits.detach().unbind(0))
@@ -59,6 +60,7 @@ def _logit_parts(logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Te
         for m, u in enumerate(logits):
             if not isinstance(u, torch.Tensor):
                 raise TypeError(f"logits[{m}] must be a tensor, got {type(u).__name__}")
+            _library.check_plain(u, f"logits[{m}]")
             if u.dim() != 2:
                 raise ValueError(f"logits[{m}] must be [B, C], got shape {tuple(u.shape)}")
             if u.shape != logits[0].shape:
@@ -78,6 +80,7 @@ def _logit_parts(logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Te
 def _check_labels(labels: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    _library.check_plain(labels, "labels")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.shape != (batch,):
@@ -93,13 +96,8 @@ def _labels_outside(n_classes: int) -> ValueError:
 
 
 def _check_label_range(labels: torch.Tensor, n_classes: int) -> None:
-    """On CPU a ValueError; on CUDA, and inside a compiled graph, an assert on the device (no
-    host sync, no graph break)."""
     in_range = ((labels >= 0) & (labels < n_classes)).all()
-    if labels.device.type == "cuda" or torch.compiler.is_compiling():
-        torch._assert_async(in_range, f"fastbml: labels must lie in [0, {n_classes})")
-    elif labels.device.type == "cpu" and not in_range:
-        raise _labels_outside(n_classes)
+    _library.check_on_device(in_range, str(_labels_outside(n_classes)))
 
 
 def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
