@@ -38,6 +38,10 @@ _HELP = {
                     "CPU), nccl or gloo",
     "workers": "DataLoader worker processes",
     "threads": "torch CPU threads", "backend": "fastbml kernel backend: auto, torch, cpp, triton",
+    "compile": "torch.compile the training forward (OPM included) and the OGM step",
+    "compile_mode": "torch.compile mode with Inductor: default, reduce-overhead (CUDA graphs), "
+                    "max-autotune",
+    "compile_backend": "torch.compile backend (inductor; aot_eager compiles without codegen)",
     "out": "run directory (logs, checkpoints, plots)",
 }
 _NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "dr_clusters": int,

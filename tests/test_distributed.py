@@ -4,6 +4,7 @@ statistics of the global batch."""
 import torch
 from distributed_utils import run_ranks, values
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastbml
 
@@ -31,22 +32,29 @@ def global_batch(step):
     return a, v, y
 
 
-def train_ogm_ranks(rank, world, steps, seed):
+def train_ogm_ranks(rank, world, steps, seed, compile_step=False):
     torch.manual_seed(0)
     model = AudioVisual()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ogm = fastbml.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, seed=seed)
+    step_fn, counter = ogm.step, None
+    if compile_step:  # scores, their all_reduce, coefficients and modulation in one graph
+        counter = CompileCounterWithBackend("aot_eager")
+        step_fn = torch.compile(ogm.step, fullgraph=True, backend=counter)
     coeffs = []
     for step in range(steps):
         a, v, y = (t.chunk(world)[rank] for t in global_batch(step))
         z, u_a, u_v = ddp(a, v)
         opt.zero_grad()
         nn.functional.cross_entropy(z, y).backward()
-        ogm.step({"audio": u_a, "visual": u_v}, y, epoch=0)
+        step_fn({"audio": u_a, "visual": u_v}, y, 0)
         coeffs.append(ogm.last_coeffs.clone())
         opt.step()
-    return [p.detach().clone() for p in model.parameters()], coeffs, ogm.seed
+    params = [p.detach().clone() for p in model.parameters()]
+    if compile_step:
+        return params, coeffs, counter.frame_count
+    return params, coeffs, ogm.seed
 
 
 def test_ogm_ge_replicas_stay_identical_and_use_global_coefficients():
@@ -82,7 +90,18 @@ def mismatched_seed_ranks(rank, world):
     ogm.step({"audio": u_a, "visual": u_v}, y, epoch=0)
 
 
-def test_ranks_that_disagree_on_the_seed_fail_at_the_first_step():
+def test_compiled_ogm_step_with_its_all_reduce_equals_the_eager_ddp_run():
+    eager = values(run_ranks(train_ogm_ranks, 3, 5))
+    compiled = values(run_ranks(train_ogm_ranks, 3, 5, True))
+    for (params, coeffs, _), (c_params, c_coeffs, graphs) in zip(eager, compiled):
+        assert graphs == 1
+        for p, q in zip(params, c_params):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        for k, c in zip(coeffs, c_coeffs):
+            torch.testing.assert_close(c, k, rtol=1e-6, atol=0)
+
+
+def test_ranks_that_disagree_on_the_seed_fail_at_construction():
     results = run_ranks(mismatched_seed_ranks)
     for status, message in results:
         assert status == "error" and "ValueError" in message and "seed" in message

@@ -160,3 +160,33 @@ def test_demo_quick_shows_the_imbalance(tmp_path):
     assert joint < results["alone"]["visual"] - 0.05
     assert results["methods"]["ogm-ge"]["acc_per_modality"]["visual"] > joint
     assert "joint" in format_table(results)
+
+
+@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge"])
+def test_compile_trains_as_eager_does(tmp_path, method):
+    """--compile (here without code generation) gives the eager run's losses and weights."""
+    runs = []
+    for compile_ in (False, True):
+        trainer = Trainer(_cfg(tmp_path / str(compile_), method=method, compile=compile_,
+                               compile_backend="aot_eager", epochs=2), make_synthetic(0, TINY))
+        trainer.fit()
+        history = json.loads((tmp_path / str(compile_) / "run" / "metrics.json").read_text())
+        runs.append(([r["train_loss"] for r in history],
+                     [p.detach().clone() for p in trainer.model.parameters()]))
+    (eager_loss, eager_params), (loss, params) = runs
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for p, e in zip(params, eager_params):
+        torch.testing.assert_close(p, e, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_flags_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--preset", "demo", "--method", "opm+ogm-ge", "--epochs", "1",
+                     "--hidden", "16", "--feature-dim", "16", "--out", str(out), "--no-progress",
+                     "--compile", "--compile-backend", "aot_eager",
+                     "--dataset-option", "n_train=96", "--dataset-option", "n_val=48",
+                     "--dataset-option", "n_test=48"])
+    assert code in (0, None)
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    with pytest.raises(ValueError, match="compile_mode"):
+        make_config("demo", compile_mode="fast")

@@ -10,6 +10,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step")
 AMP_MODES = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     workers: int = 0
     threads: int | None = None   # torch intra-op threads on CPU (None: torch's default)
     backend: str = "auto"
+    compile: bool = False        # torch.compile the training forward (OPM included) and OGM's step
+    compile_mode: str = "default"   # torch.compile mode (Inductor): see COMPILE_MODES
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" generates no code
     dist_backend: str = "auto"  # torchrun launches: nccl on CUDA, gloo on CPU
     out: str = "runs/train"
     tensorboard: bool = True
@@ -68,7 +72,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "amp": AMP_MODES,
-                   "dist_backend": DIST_BACKENDS}
+                   "dist_backend": DIST_BACKENDS, "compile_mode": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -42,7 +42,7 @@ from ..data import Splits, TensorDataset, load_dataset
 from ..models import build_model
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
-from .methods import MethodStack
+from .methods import MethodStack, compiled
 from .metrics import classification_metrics
 
 CHECKPOINT = "checkpoint_last.pt"
@@ -274,6 +274,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._forward = forward.forward if self.ddp is None else self.ddp
+        # --compile: one graph for the forward (DDP splits its graph at its gradient buckets)
+        self._forward = compiled(cfg, self._forward, fullgraph=self.ddp is None)
         self.logger = RunLogger(self.run_dir, history, tensorboard=cfg.tensorboard,
                                 write=self.is_main)
 

@@ -22,6 +22,14 @@ METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr")
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
+def compiled(cfg: TrainConfig, fn: Callable, *, fullgraph: bool = True) -> Callable:
+    """`fn` under torch.compile as `cfg` asks (`--compile`), else `fn` itself."""
+    if not cfg.compile:
+        return fn
+    mode = cfg.compile_mode if cfg.compile_backend == "inductor" else None
+    return torch.compile(fn, fullgraph=fullgraph, backend=cfg.compile_backend, mode=mode)
+
+
 def parse_method(method: str) -> tuple[str, ...]:
     """The components of a method string such as "opm+ogm-ge" (sorted, "joint" alone)."""
     if not isinstance(method, str) or not method:
@@ -54,6 +62,7 @@ class MethodStack:
                                    start=cfg.ogm_start, end=cfg.ogm_end,
                                    warmup_epochs=cfg.warmup_epochs, seed=seed,
                                    conv_only=cfg.conv_only, backend=cfg.backend)
+            self._ogm_step = compiled(cfg, self.ogm.step)
         if "opm" in self.parts:
             self.opm = fastbml.OPM(modalities, q_base=cfg.q_base, lam=cfg.opm_lambda,
                                    p_exe=cfg.p_exe, start=cfg.opm_start, end=cfg.opm_end,
@@ -83,7 +92,7 @@ class MethodStack:
                        epoch: int) -> None:
         """Modulate the encoders' gradients (OGM / OGM-GE) and accumulate the step's logs."""
         if self.ogm is not None:
-            self.ogm.step(unimodal, labels, epoch)
+            self._ogm_step(unimodal, labels, epoch)
             self._add("coeff", self.ogm.last_coeffs)
         if self.opm is not None and self.opm.last_q is not None:
             self._add("drop_prob", self.opm.last_q)
