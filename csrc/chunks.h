@@ -11,9 +11,21 @@ namespace fastbml {
 // Elements per chunk; a multiple of 4, so every chunk starts on a fresh Philox block.
 constexpr int64_t kChunk = 1 << 15;
 
+// Below this many elements a memory-bound pass runs on one thread: waking the OpenMP team
+// costs more than it saves (and a descheduled thread stalls the barrier on a busy machine).
+constexpr int64_t kParallelElements = 1 << 18;
+
+
 struct Chunk {
   int64_t tensor, begin, end;
 };
+
+// Total elements of the chunks, for the kernels' OpenMP `if` clauses.
+inline int64_t chunk_elements(const std::vector<Chunk>& chunks) {
+  int64_t total = 0;
+  for (const Chunk& c : chunks) total += c.end - c.begin;
+  return total;
+}
 
 // The chunks of every tensor t with take(t) true, in tensor order.
 template <typename Take>

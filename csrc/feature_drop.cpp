@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "chunks.h"
 #include "dtype.h"
 #include "philox.h"
 #include "simd.h"
@@ -23,7 +24,6 @@ constexpr int64_t kWorkElements = 1 << 15;  // elements per parallel work item (
 // barrier can wait for a descheduled thread), so the loops run on the calling thread.
 constexpr int64_t kParallelBlocks = 1 << 12;  // Philox blocks (4 draws each)
 constexpr int64_t kDrawChunk = 1 << 10;       // Philox blocks per parallel work item
-constexpr int64_t kParallelElements = 1 << 18;
 
 Philox4 block_words(uint64_t seed, uint32_t stream, int64_t block) {
   const uint64_t b = static_cast<uint64_t>(block);

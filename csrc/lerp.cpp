@@ -14,9 +14,6 @@
 namespace fastbml {
 namespace {
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kParallelElements = 1 << 18;
-
 template <typename T>
 void lerp_chunk(T* x, const T* y, int64_t n, float w) {
   // The two-sided form (as torch.lerp): exact at w = 1, and at most half a step from either end.
@@ -51,8 +48,7 @@ void multi_tensor_lerp(const std::vector<uintptr_t>& ptrs,
   // weight 0 is the identity: such tensors get no chunk, so no memory traffic at all
   const std::vector<Chunk> chunks =
       chunk_table(numels, [&](int64_t t) { return weights[weight_index[t]] != 0.0f; });
-  int64_t elements = 0;
-  for (const Chunk& ch : chunks) elements += ch.end - ch.begin;
+  const int64_t elements = chunk_elements(chunks);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static) if (elements >= kParallelElements)
   for (int64_t c = 0; c < n_chunks; ++c) {

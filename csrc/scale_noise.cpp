@@ -17,6 +17,8 @@ namespace fastbml {
 namespace {
 
 constexpr int64_t kTile = 256;  // Philox blocks drawn per inner tile (1024 normals)
+// Drawing a normal costs far more than moving a value: the noisy rewrite goes parallel sooner.
+constexpr int64_t kParallelNoisy = 1 << 14;
 
 struct Moments {
   double count, mean, m2;
@@ -44,13 +46,14 @@ Moments combine(const Moments& a, const Moments& b) {
   return {count, a.mean + delta * b.count / count, a.m2 + b.m2 + delta * delta * a.count * b.count / count};
 }
 
-// Normals for the 4 * kTile flattened indices starting at `first` (first % 4 == 0),
-// in index order: normals[i] belongs to index first + i (the interleaved stores of the four
-// words vectorise as register permutes, and the consumer then reads them contiguously).
-void normal_tile(uint64_t seed, uint32_t stream, int64_t first, float* normals) {
+// Normals for the 4 * blocks (blocks <= kTile) flattened indices starting at `first`
+// (first % 4 == 0), in index order: normals[i] belongs to index first + i (the interleaved
+// stores of the four words vectorise as register permutes, and the consumer then reads them
+// contiguously).
+void normal_tile(uint64_t seed, uint32_t stream, int64_t first, int64_t blocks, float* normals) {
   const int64_t first_block = first / 4;
 #pragma omp simd
-  for (int64_t j = 0; j < kTile; ++j) {
+  for (int64_t j = 0; j < blocks; ++j) {
     const uint64_t block = static_cast<uint64_t>(first_block + j);
     const Philox4 r = philox4x32(seed, static_cast<uint32_t>(block),
                                  static_cast<uint32_t>(block >> 32), stream, 0u);
@@ -75,8 +78,8 @@ void scale_noise_chunk(T* x, int64_t n, float scale, float sigma, uint64_t seed,
                        int64_t first) {
   alignas(64) float normals[4 * kTile];
   for (int64_t t0 = 0; t0 < n; t0 += 4 * kTile) {
-    normal_tile(seed, stream, first + t0, normals);
     const int64_t len = std::min<int64_t>(4 * kTile, n - t0);
+    normal_tile(seed, stream, first + t0, (len + 3) / 4, normals);  // only the draws used
     T* xt = x + t0;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
@@ -115,11 +118,12 @@ void multi_tensor_scale_noise(const std::vector<uintptr_t>& ptrs, const std::vec
   for (int64_t t = 0; t < n_tensors; ++t) dtype[t] = dtype_from_code(dtypes[t]);
   const std::vector<Chunk> chunks = chunk_table(numels, [](int64_t) { return true; });
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t elements = chunk_elements(chunks);
 
   std::vector<float> sigma(n_tensors, 0.0f);
   if (noise) {
     std::vector<Moments> partial(n_chunks);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (elements >= kParallelElements)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const Chunk& ch = chunks[c];
       partial[c] = moments_of(dtype[ch.tensor], reinterpret_cast<void*>(ptrs[ch.tensor]), ch.begin, ch.end);
@@ -132,7 +136,8 @@ void multi_tensor_scale_noise(const std::vector<uintptr_t>& ptrs, const std::vec
     }
   }
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) \
+    if (elements >= (noise ? kParallelNoisy : kParallelElements))
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk& ch = chunks[c];
     rewrite(dtype[ch.tensor], reinterpret_cast<void*>(ptrs[ch.tensor]), ch.begin, ch.end,

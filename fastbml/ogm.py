@@ -8,12 +8,13 @@ tensor's own gradient std. All of it stays on the device: no host sync per step.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NoReturn
 
 import torch
 from torch import nn
 
 from . import distributed, rng
-from .ops._library import check_plain
+from .ops._library import PLAIN_TENSORS, check_plain
 from .ops._multi_tensor import FLOAT_DTYPES
 from .ops.scale_noise import multi_tensor_scale_noise_
 from .ops.scores import modality_scores
@@ -42,11 +43,14 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") ->
     if form not in COEFF_FORMS:
         raise ValueError(f"form must be one of {COEFF_FORMS}, got {form!r}")
     s = scores.detach().to(torch.float32)
-    others = s.expand(s.numel(), -1).masked_fill(
-        torch.eye(s.numel(), dtype=torch.bool, device=s.device), float("-inf"))
-    rho = s / others.amax(dim=1)
+    if s.numel() == 2:  # the other modality (the common case, in the fewest device ops)
+        others = s.flip(0)
+    else:
+        others = s.expand(s.numel(), -1).masked_fill(
+            torch.eye(s.numel(), dtype=torch.bool, device=s.device), float("-inf")).amax(dim=1)
+    rho = s / others
     excess = rho if form == "paper" else rho - 1.0
-    return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * excess), torch.ones_like(rho))
+    return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * excess), 1.0)
 
 
 def _grouped(params, modality_index) -> list[list[torch.Tensor]]:
@@ -73,6 +77,62 @@ def _grouped(params, modality_index) -> list[list[torch.Tensor]]:
     return groups
 
 
+def _check_params(groups: list[list[torch.Tensor]]) -> None:
+    for m, group in enumerate(groups):
+        for j, p in enumerate(group):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{m}][{j}] must be a tensor, got {type(p).__name__}")
+    seen: set[int] = set()
+    for m, group in enumerate(groups):
+        for j, p in enumerate(group):
+            if id(p) in seen:
+                raise ValueError(f"params[{m}][{j}] appears in more than one modality group")
+            seen.add(id(p))
+
+
+def _reject_grad(groups: list[list[torch.Tensor]], p: torch.Tensor,
+                 device: torch.device) -> NoReturn:
+    """Raises the error that says why p.grad cannot be modulated."""
+    m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group) if q is p)
+    name, g = f"params[{m}][{j}].grad", p.grad
+    check_plain(g, name)
+    if g.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {g.dtype}")
+    if g.device != device:
+        raise ValueError(f"{name} is on {g.device} but coeffs on {device}")
+    raise TypeError(f"{name} is sparse; OGM needs dense gradients")
+
+
+def _grads_of(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], index: list[int],
+              device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+    """The gradients to modulate (parameters without one skipped) and their modality indices;
+    one cheap test per gradient, the detailed checks only to say what is wrong."""
+    grads, scale_index = [], []
+    for p, m in zip(flat, index):
+        g = p.grad
+        if g is None:
+            continue
+        if not (type(g) in PLAIN_TENSORS and g.dtype in FLOAT_DTYPES and g.device == device
+                and g.layout == torch.strided):
+            _reject_grad(groups, p, device)
+        grads.append(g)
+        scale_index.append(m)
+    return grads, scale_index
+
+
+def _check_coeffs(coeffs: object, n_groups: int) -> None:
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
+    if coeffs.dim() != 1 or coeffs.numel() != n_groups:
+        raise ValueError(f"coeffs must have one entry per modality ({n_groups}), got shape "
+                         f"{tuple(coeffs.shape)}")
+
+
+def _flatten(groups: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[int]]:
+    return ([p for group in groups for p in group],
+            [m for m, group in enumerate(groups) for _ in group])
+
+
 def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int] | None = None,
                   noise: bool = True, seed: rng.Seed | None = None,
                   backend: str = "auto") -> None:
@@ -88,32 +148,9 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
     specialises the graph), or None for a fresh seed from torch's CPU generator.
     """
     groups = _grouped(params, modality_index)
-    if not isinstance(coeffs, torch.Tensor):
-        raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
-    if coeffs.dim() != 1 or coeffs.numel() != len(groups):
-        raise ValueError(f"coeffs must have one entry per modality ({len(groups)}), got shape "
-                         f"{tuple(coeffs.shape)}")
-    grads, scale_index, seen = [], [], set()
-    for m, group in enumerate(groups):
-        for j, p in enumerate(group):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{m}][{j}] must be a tensor, got {type(p).__name__}")
-            if id(p) in seen:
-                raise ValueError(f"params[{m}][{j}] appears in more than one modality group")
-            seen.add(id(p))
-            if p.grad is None:
-                continue
-            check_plain(p.grad, f"params[{m}][{j}].grad")
-            if p.grad.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"params[{m}][{j}].grad must be float32, bfloat16 or float16, "
-                                f"got {p.grad.dtype}")
-            if p.grad.device != coeffs.device:
-                raise ValueError(f"params[{m}][{j}].grad is on {p.grad.device} but coeffs on "
-                                 f"{coeffs.device}")
-            if p.grad.is_sparse:
-                raise TypeError(f"params[{m}][{j}].grad is sparse; OGM needs dense gradients")
-            grads.append(p.grad)
-            scale_index.append(m)
+    _check_coeffs(coeffs, len(groups))
+    _check_params(groups)
+    grads, scale_index = _grads_of(groups, *_flatten(groups), coeffs.device)
     multi_tensor_scale_noise_(grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
                               stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
 
@@ -161,13 +198,15 @@ class OGM:
             raise ValueError(f"end must be None or an int >= start ({start}), got {end!r}")
         self.modalities = list(groups)
         self.params = [self._select(name, spec, conv_only) for name, spec in groups.items()]
+        _check_params(self.params)
+        self._flat, self._scale_index = _flatten(self.params)
         self.alpha, self.form, self.noise = float(alpha), form, noise
         self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
         self.backend = backend
         self.group = distributed.resolve_group(process_group)
         self.seed = (rng.check_seed(seed) if seed is not None
                      else distributed.shared_seed(rng.fresh_seed(), self.group))
-        first = next((p for group in self.params for p in group), None)
+        first = self._flat[0] if self._flat else None
         # The step counter lives on the device: a compiled step reads and increments it there,
         # so the graph is not specialised on the step number.
         self._step = torch.zeros((), dtype=torch.int64,
@@ -232,8 +271,12 @@ class OGM:
             self._step = self._step.to(scores.device)
         if self.active(epoch):
             coeffs = ogm_coefficients(scores, self.alpha, self.form)
-            ogm_modulate_(self.params, coeffs, noise=self.noise,
-                          seed=rng.step_seed_tensor(self.seed, self._step), backend=self.backend)
+            grads, scale_index = _grads_of(self.params, self._flat, self._scale_index,
+                                           coeffs.device)
+            multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=self.noise,
+                                      seed=rng.step_seed_tensor(self.seed, self._step),
+                                      stream=rng.STREAM_NOISE, eps=NOISE_EPS,
+                                      backend=self.backend)
         else:
             coeffs = torch.ones_like(scores)
         self._step.add_(1)

@@ -76,6 +76,8 @@ def step_seed_tensor(base_seed: Seed, step: Seed) -> torch.Tensor:
     like = base_seed if isinstance(base_seed, torch.Tensor) else step
     if not isinstance(like, torch.Tensor):
         raise TypeError("step_seed_tensor needs base_seed or step as an int64 tensor")
+    if like.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.tensor(step_seed(int(base_seed), int(step)))  # eager CPU: host math is cheaper
     base = torch.as_tensor(base_seed, dtype=torch.int64, device=like.device)
     z = base + (torch.as_tensor(step, dtype=torch.int64, device=like.device) + 1) * _GOLDEN
     z = (z ^ _shr(z, 30)) * _MIX1
@@ -93,7 +95,7 @@ def seed_tensor(seed: Seed | None, device: torch.device, name: str = "seed") -> 
                             f"shape {tuple(seed.shape)}")
         if seed.device != device:
             raise ValueError(f"{name} is on {seed.device} but the op's tensors on {device}")
-        return seed.reshape(())
+        return seed if seed.dim() == 0 else seed.reshape(())
     if seed is None:
         return torch.randint(0, (1 << SEED_BITS) - 1, (), dtype=torch.int64).to(device)
     return torch.tensor(check_seed(seed, name), dtype=torch.int64, device=device)

@@ -24,3 +24,8 @@ fi
 "${pip[@]}" "setuptools>=68" "pybind11>=2.12" wheel
 "${pip[@]}" --no-build-isolation -e ".[test]"
 .venv/bin/python -c "import fastbml, fastbml.backend as b; print('fastbml', fastbml.__version__, '| cpp kernels:', b.cpp_module() is not None, '| triton:', b.triton_available())"
+# In CI a C++ build that failed must fail the run (locally it only disables the cpp backend,
+# and its tests would be skipped).
+if [ "${CI:-}" = "true" ]; then
+  .venv/bin/python -c "import fastbml._C" || { echo "setup: fastbml._C did not build" >&2; exit 1; }
+fi

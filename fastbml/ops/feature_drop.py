@@ -234,6 +234,8 @@ def drop_with_valid_q(features: Sequence[torch.Tensor], q: torch.Tensor, *, p_ex
                         else (_triton_kernel, _InterpretedDrop))  # triton: the interpreter
     if not (torch.is_grad_enabled() and any(f.requires_grad for f in features)):
         return kernel(features, q, threshold, seed, mask_seed)
+    if mask_seed is seed:  # autograd.Function under dynamo takes no tensor twice
+        mask_seed = seed.view(())
     *outputs, weights = function.apply(q, threshold, seed, mask_seed, *features)
     return outputs, weights
 
