@@ -40,7 +40,10 @@ def _shapes(device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return (1, 128, 96), (3, 1, 112, 112)
 
 
-def _trainer(device: torch.device, method: str, out: str) -> tuple[Trainer, dict, torch.Tensor]:
+def make_trainer(device: torch.device, method: str, out: str,
+                 **overrides) -> tuple[Trainer, dict, torch.Tensor]:
+    """A Trainer of the benchmark's model and batch for `method` (config `overrides` on top),
+    with the batch on the device."""
     audio, visual = _shapes(device)
     g = torch.Generator().manual_seed(0)
     inputs = {"audio": torch.randn(BATCH, *audio, generator=g),
@@ -50,7 +53,7 @@ def _trainer(device: torch.device, method: str, out: str) -> tuple[Trainer, dict
     info = DatasetInfo("bench", {"audio": InputSpec("spectrogram", audio),
                                  "visual": InputSpec("frames", visual)}, CLASSES)
     cfg = make_config("ogm-ge-cvpr2022", method=method, device=str(device), out=out,
-                      progress=False, tensorboard=False, plots=False, ogm_end=None)
+                      progress=False, tensorboard=False, plots=False, ogm_end=None, **overrides)
     trainer = Trainer(cfg, Splits(info, data, data, data))
     trainer.model.train()
     return trainer, {m: x.to(device) for m, x in inputs.items()}, labels.to(device)
@@ -84,8 +87,9 @@ def cases(device: torch.device) -> list[Case]:
     out = tempfile.mkdtemp(prefix="fastbml-bench-")
     result = []
     for method in ("original", *METHODS):
-        trainer, inputs, labels = _trainer(device, "joint" if method == "original" else method,
-                                           f"{out}/{method}")
+        trainer, inputs, labels = make_trainer(device,
+                                               "joint" if method == "original" else method,
+                                               f"{out}/{method}")
         if method == "original":
             trainer.methods.after_backward = _original_ogm_ge(trainer.model, trainer.cfg.alpha)
         impl = ORIGINAL if method == "original" else method

@@ -30,6 +30,9 @@ python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$results/$device-test
 tests_rc=${PIPESTATUS[0]}
 python3 -m benchmarks.report --device cuda 2>&1 | tee "$results/$device-bench.log"
 bench_rc=${PIPESTATUS[0]}
+# the training step eager and compiled with mode="reduce-overhead" (CUDA graphs)
+python3 -m benchmarks.bench_compile 2>&1 | tee "$results/$device-compile.log"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 
 if [ -n "${OUT:-}" ]; then
   cp "$results/$device".* "$results/$device"-*.* "$OUT"/ 2>/dev/null || true
