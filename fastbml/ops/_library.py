@@ -25,13 +25,20 @@ NAMESPACE = "fastbml"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 
 
-def define(name: str, schema: str, *, cpu: Callable, cuda: Callable, fake: Callable):
-    """Registers `fastbml::<name><schema>` with its CPU, CUDA and fake implementations and
-    returns the op (`torch.ops.fastbml.<name>`)."""
+def define(name: str, schema: str, *, cpu: Callable, cuda: Callable, fake: Callable,
+           autograd: tuple[Callable, Callable] | None = None):
+    """Registers `fastbml::<name><schema>` with its CPU, CUDA and fake implementations (and
+    `autograd` = (backward, setup_context) for a differentiable op); returns the op
+    (`torch.ops.fastbml.<name>`)."""
+    qualname = f"{NAMESPACE}::{name}"
     _LIB.define(name + schema)
     _LIB.impl(name, cpu, "CPU")
     _LIB.impl(name, cuda, "CUDA")
-    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
+    torch.library.register_fake(qualname, fake, lib=_LIB)
+    if autograd is not None:
+        backward, setup_context = autograd
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context,
+                                        lib=_LIB)
     return getattr(torch.ops.fastbml, name)
 
 

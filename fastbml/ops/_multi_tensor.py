@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -14,11 +15,7 @@ CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def stream_offsets(numels: Sequence[int]) -> list[int]:
     """Where each tensor starts in the op's flattened random stream: each start is rounded up to a
     multiple of 4 so that every tensor begins on a fresh Philox block."""
-    offsets, position = [], 0
-    for n in numels:
-        offsets.append(position)
-        position += -(-n // 4) * 4
-    return offsets
+    return [0, *itertools.accumulate((n + 3) & ~3 for n in numels[:-1])] if numels else []
 
 
 class ContiguousWork:

@@ -1,9 +1,10 @@
 """`opm_drop`: OPM's batch coin, per-sample modality drop and 1/(1 - theta) rescale (SPEC §2.3, §2.6).
 
-One autograd Function covers all modalities. Its forward draws, from the Philox streams of DESIGN
-§4, one uniform of STREAM_COIN under `seed` (the drop runs iff it is >= 1 - p_exe) and one uniform
-of STREAM_MASK under `mask_seed` (default: `seed`) per sample and modality (element m * B + i;
-row i of modality m is kept iff it is >= q_m, i.e. with probability 1 - q_m), and multiplies
+One operator, `torch.ops.fastbml.opm_drop` (autograd registered), covers all modalities. Its
+forward draws, from the Philox streams of DESIGN §4, one uniform of STREAM_COIN under `seed` (the
+drop runs iff it is >= 1 - p_exe) and one uniform of STREAM_MASK under `mask_seed` (default:
+`seed`) per sample and modality (element m * B + i; row i of modality m is kept iff it is
+>= q_m, i.e. with probability 1 - q_m), and multiplies
 every feature of row i of modality m by
 
     factor[m, i] = keep[m, i] / (1 - theta)   if the coin says "drop",   else 1,
@@ -100,13 +101,6 @@ def _fake(features, q, threshold, seed, mask_seed):
     return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in features], weights
 
 
-opm_drop_op = _library.define(
-    "opm_drop",
-    "(Tensor[] features, Tensor q, float threshold, Tensor seed, Tensor mask_seed) "
-    "-> (Tensor[] outputs, Tensor weights)",
-    cpu=_cpp_kernel, cuda=_triton_kernel, fake=_fake)
-
-
 def _setup_context(ctx, inputs, output):
     features, q, threshold, seed, mask_seed = inputs
     ctx.save_for_backward(q, seed, mask_seed)
@@ -131,8 +125,11 @@ def _backward(ctx, grad_outputs, grad_weights):
     return list(grad_features), None, None, None, None
 
 
-torch.library.register_autograd("fastbml::opm_drop", _backward, setup_context=_setup_context,
-                                lib=_library._LIB)
+opm_drop_op = _library.define(
+    "opm_drop",
+    "(Tensor[] features, Tensor q, float threshold, Tensor seed, Tensor mask_seed) "
+    "-> (Tensor[] outputs, Tensor weights)",
+    cpu=_cpp_kernel, cuda=_triton_kernel, fake=_fake, autograd=(_backward, _setup_context))
 
 
 def _check_features(features) -> list[torch.Tensor]:

@@ -45,10 +45,11 @@ def _torch_impl(tensors, scale_index, scales, seed, stream, eps, noise):
 
 def _cpp_kernel(tensors, scale_index, scales, seed, stream, eps, noise):
     work = ContiguousWork(tensors)
+    numels = [t.numel() for t in work.tensors]
     require_cpp().multi_tensor_scale_noise(
         [t.data_ptr() for t in work.tensors], [CPP_DTYPE_CODES[t.dtype] for t in work.tensors],
-        [t.numel() for t in work.tensors], stream_offsets([t.numel() for t in work.tensors]),
-        scale_index, scales.data_ptr(), noise, int(seed), stream, eps)
+        numels, stream_offsets(numels), scale_index, scales.data_ptr(), noise, int(seed),
+        stream, eps)
     work.write_back()
 
 
