@@ -338,8 +338,11 @@ def test_a_dtensor_gradient_is_refused_not_handed_to_a_kernel(tmp_path):
 def test_reduce_overhead_replays_the_training_step_with_fresh_noise():
     """torch.compile(mode="reduce-overhead") captures CUDA graphs of the forward with OPM and of
     the OGM step; 10 replayed steps equal 10 eager steps (fresh noise every step)."""
+    from torch._dynamo.utils import counters
+
     _, _, eager_grads, _ = train(10, None)
     torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     model = AudioVisual().to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -355,3 +358,4 @@ def test_reduce_overhead_replays_the_training_step_with_fresh_noise():
         for p, e in zip(model.parameters(), eager_grads[step]):
             torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6)
         opt.step()
+    assert counters["inductor"]["cudagraph_skips"] == 0  # every graph was captured
