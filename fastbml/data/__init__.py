@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .base import DataError, DatasetInfo, FileDataset, Splits, TensorDataset, carve_split
+from .batch import SeededSampler, default_workers, normalize_uint8, prepare_batch
 from .cremad import load_cremad
 from .kinetics import kinetics_loader
 from .mosi import mosi_loader
@@ -64,12 +65,16 @@ __all__ = [
     "DataError",
     "DatasetInfo",
     "FileDataset",
+    "SeededSampler",
     "Splits",
     "SyntheticConfig",
     "TensorDataset",
     "carve_split",
     "dataset_names",
+    "default_workers",
     "load_dataset",
     "make_synthetic",
+    "normalize_uint8",
+    "prepare_batch",
     "register_dataset",
 ]

@@ -21,7 +21,7 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, read_lines, split_train_val
-from .io import FrameFolder, fit_spectrogram, load_array, wav_spectrogram
+from .io import IMAGENET_NORM, FrameFolder, fit_spectrogram, load_array, wav_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 FRAME_DIR = "Image-01-FPS"
@@ -58,6 +58,8 @@ def load_cremad(root: Path, seed: int, options: dict) -> Splits:
     frames = int(options.pop("frames", 1))
     size = int(options.pop("image_size", 224))
     val_fraction = float(options.pop("val_fraction", 744 / 6698))
+    decode = {"dct_scaling": bool(options.pop("dct_scaling", True)),
+              "decoder": str(options.pop("decoder", "auto"))}
     if options:
         raise ValueError(f"unknown CREMA-D options: {sorted(options)}")
     train_rows = read_split_csv(root / "train.csv", EMOTIONS)
@@ -65,13 +67,14 @@ def load_cremad(root: Path, seed: int, options: dict) -> Splits:
     audio = CremadAudio(root)
     first_audio = audio(train_rows[0][0], False)
     audio.shape = tuple(first_audio.shape[1:])
-    readers = {"audio": audio, "visual": FrameFolder(root / FRAME_DIR, frames, size)}
+    readers = {"audio": audio, "visual": FrameFolder(root / FRAME_DIR, frames, size, **decode)}
     if (root / "val.csv").is_file():
-        train = FileDataset(train_rows, readers, train=True)
-        val = FileDataset(read_split_csv(root / "val.csv", EMOTIONS), readers, train=False)
+        train = FileDataset(train_rows, readers, train=True, name="cremad")
+        val = FileDataset(read_split_csv(root / "val.csv", EMOTIONS), readers, train=False,
+                          name="cremad")
     else:
-        train, val = split_train_val(train_rows, readers, val_fraction, seed)
+        train, val = split_train_val(train_rows, readers, val_fraction, seed, "cremad")
     info = DatasetInfo("cremad", {"audio": InputSpec("spectrogram", tuple(first_audio.shape)),
                                   "visual": InputSpec("frames", (3, frames, size, size))},
-                       len(EMOTIONS), EMOTIONS)
-    return Splits(info, train, val, FileDataset(test_rows, readers, train=False))
+                       len(EMOTIONS), EMOTIONS, uint8_norm={"visual": IMAGENET_NORM})
+    return Splits(info, train, val, FileDataset(test_rows, readers, train=False, name="cremad"))

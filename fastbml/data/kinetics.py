@@ -29,7 +29,15 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, require_file, split_train_val
-from .io import FrameFolder, decode_image, fit_spectrogram, load_array, pick_frames, rgb_clip
+from .io import (
+    DECODERS,
+    IMAGENET_NORM,
+    FrameFolder,
+    fit_spectrogram,
+    load_array,
+    pick_frames,
+    rgb_clip_uint8,
+)
 
 
 def read_annotations(path: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
@@ -47,11 +55,16 @@ def read_annotations(path: Path) -> tuple[list[str], dict[str, list[tuple[str, i
 
 
 class HDF5Frames:
-    """Reads `frames` evenly spaced encoded frames from hdf5/<id>.hdf5 (dataset "video")."""
+    """Reads `frames` evenly spaced encoded frames from hdf5/<id>.hdf5 (dataset "video") as a
+    [3, T, size, size] uint8 clip."""
 
     def __init__(self, folder: Path, frames: int, size: int,
-                 crop_scale: tuple[float, float] = (0.25, 1.0)):
+                 crop_scale: tuple[float, float] = (0.25, 1.0), *, dct_scaling: bool = True,
+                 decoder: str = "auto"):
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         self.folder, self.frames, self.size, self.crop_scale = folder, frames, size, crop_scale
+        self.dct_scaling, self.decoder = dct_scaling, decoder
 
     def __call__(self, video_id: str, train: bool) -> torch.Tensor:
         import h5py
@@ -60,12 +73,16 @@ class HDF5Frames:
         try:
             with h5py.File(path, "r") as fh:
                 data = fh["video"]
-                picked = [bytes(np.asarray(data[i], dtype=np.uint8))
-                          for i in pick_frames(len(data), self.frames)]
-        except (OSError, KeyError, ValueError) as exc:
+                picked = pick_frames(len(data), self.frames)
+                unique = sorted(set(picked))  # one read: h5py wants increasing, distinct indices
+                rows = dict(zip(unique, data[unique]))
+                encoded = [np.asarray(rows[i], dtype=np.uint8).tobytes() for i in picked]
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             raise DataError(f"unreadable HDF5 video {path}: {exc}") from exc
-        images = [decode_image(b, f"{path}[video][{i}]") for i, b in enumerate(picked)]
-        return rgb_clip(images, self.size, train=train, crop_scale=self.crop_scale)
+        names = [f"{path}[video][{i}]" for i in picked]
+        return rgb_clip_uint8(encoded, names, self.size, train=train,
+                              crop_scale=self.crop_scale, dct_scaling=self.dct_scaling,
+                              decoder=self.decoder)
 
 
 class PickledSpectrogram:
@@ -88,6 +105,8 @@ def kinetics_loader(name: str, frame_source: str):
         frames = int(options.pop("frames", 3))
         size = int(options.pop("image_size", 112))
         val_fraction = float(options.pop("val_fraction", 0.1))
+        decode = {"dct_scaling": bool(options.pop("dct_scaling", True)),
+                  "decoder": str(options.pop("decoder", "auto"))}
         if options:
             raise ValueError(f"unknown {name} options: {sorted(options)}")
         classes, subsets = read_annotations(root / "annotations.json")
@@ -97,22 +116,23 @@ def kinetics_loader(name: str, frame_source: str):
         first = audio(subsets["training"][0][0], False)
         audio.shape = tuple(first.shape[1:])
         if frame_source == "hdf5":
-            visual = HDF5Frames(root / "hdf5", frames, size)
+            visual = HDF5Frames(root / "hdf5", frames, size, **decode)
         else:
-            visual = FrameFolder(root / "frames", frames, size, crop_scale=(0.25, 1.0))
+            visual = FrameFolder(root / "frames", frames, size, crop_scale=(0.25, 1.0), **decode)
         readers = {"audio": audio, "visual": visual}
         if "testing" in subsets and "validation" in subsets:
             test_rows = subsets["testing"]
-            train = FileDataset(subsets["training"], readers, train=True)
-            val = FileDataset(subsets["validation"], readers, train=False)
+            train = FileDataset(subsets["training"], readers, train=True, name=name)
+            val = FileDataset(subsets["validation"], readers, train=False, name=name)
         elif "testing" in subsets or "validation" in subsets:
             test_rows = subsets.get("testing") or subsets["validation"]
-            train, val = split_train_val(subsets["training"], readers, val_fraction, seed)
+            train, val = split_train_val(subsets["training"], readers, val_fraction, seed,
+                                         name)
         else:
             raise DataError(f"{root / 'annotations.json'} has neither a 'testing' nor a "
                             "'validation' subset")
         info = DatasetInfo(name, {"audio": InputSpec("spectrogram", tuple(first.shape)),
                                   "visual": InputSpec("frames", (3, frames, size, size))},
-                           len(classes), tuple(classes))
-        return Splits(info, train, val, FileDataset(test_rows, readers, train=False))
+                           len(classes), tuple(classes), uint8_norm={"visual": IMAGENET_NORM})
+        return Splits(info, train, val, FileDataset(test_rows, readers, train=False, name=name))
     return load
