@@ -35,10 +35,18 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
             raw = fh.readframes(fh.getnframes())
     except (wave.Error, EOFError) as exc:
         raise DataError(f"unreadable WAV file {path}: {exc}") from exc
-    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
+    dtypes = {1: np.uint8, 2: np.int16, 3: np.int32, 4: np.int32}
     if width not in dtypes:
-        raise DataError(f"unsupported WAV sample width {width} bytes in {path}")
-    samples = np.frombuffer(raw, dtype=dtypes[width]).astype(np.float32)
+        raise DataError(f"unsupported WAV sample width {width} bytes in {path} (8, 16, 24 or "
+                        "32-bit integer PCM)")
+    if len(raw) % (width * channels):
+        raise DataError(f"truncated WAV file {path}: {len(raw)} bytes of sample data is not a "
+                        f"whole number of {width * channels}-byte frames")
+    if width == 3:  # little-endian 24-bit: widen to int32 (sign from the top byte)
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        samples = ((b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8).astype(np.float32)
+    else:
+        samples = np.frombuffer(raw, dtype=dtypes[width]).astype(np.float32)
     if width == 1:
         samples = samples - 128.0
     samples /= float(2 ** (8 * width - 1))
@@ -49,17 +57,21 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
 
 
 def resample(wav: torch.Tensor, rate: int, target: int) -> torch.Tensor:
-    """Linear-interpolation resampling (adequate for log-spectrogram inputs)."""
+    """Band-limited resampling with soxr at its "HQ" quality (what `librosa.load(sr=...)` does by
+    default): nothing above the lower rate's Nyquist frequency is imaged into the output."""
     if rate == target:
         return wav
-    n = max(1, round(wav.numel() * target / rate))
-    return F.interpolate(wav.view(1, 1, -1), size=n, mode="linear", align_corners=False).view(-1)
+    import soxr
+
+    out = soxr.resample(wav.numpy().astype(np.float32, copy=False), rate, target, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
 def wav_spectrogram(path: Path, *, sample_rate: int = 22050, seconds: float = 3.0,
                     n_fft: int = 512, hop: int = 353) -> torch.Tensor:
-    """The OGM-GE CREMA-D audio input: resample, tile to `seconds`, clip to [-1, 1],
-    log(|STFT| + 1e-7) with a Hann window -> [1, n_fft/2 + 1, frames] (257 x 188 by default)."""
+    """The OGM-GE CREMA-D audio input (`librosa.load(sr=22050)`, `np.tile` to `seconds`, clip to
+    [-1, 1], `librosa.stft(n_fft=512, hop_length=353)`, log(|S| + 1e-7)): band-limited
+    resampling, Hann window, centred frames -> [1, n_fft/2 + 1, frames] (257 x 188 by default)."""
     wav, rate = read_wav(path)
     wav = resample(wav, rate, sample_rate)
     length = int(sample_rate * seconds)
