@@ -48,12 +48,13 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
     else:
         samples = np.frombuffer(raw, dtype=dtypes[width]).astype(np.float32)
     if width == 1:
-        samples = samples - 128.0
-    samples /= float(2 ** (8 * width - 1))
+        samples -= 128.0
+    samples *= np.float32(1.0 / 2 ** (8 * width - 1))
     if samples.size == 0:
         raise DataError(f"empty WAV file {path}")
-    wav = torch.from_numpy(samples.reshape(-1, channels).mean(axis=1))
-    return wav, rate
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    return torch.from_numpy(samples), rate
 
 
 def resample(wav: torch.Tensor, rate: int, target: int) -> torch.Tensor:
@@ -72,13 +73,23 @@ def wav_spectrogram(path: Path, *, sample_rate: int = 22050, seconds: float = 3.
     """The OGM-GE CREMA-D audio input (`librosa.load(sr=22050)`, `np.tile` to `seconds`, clip to
     [-1, 1], `librosa.stft(n_fft=512, hop_length=353)`, log(|S| + 1e-7)): band-limited
     resampling, Hann window, centred frames -> [1, n_fft/2 + 1, frames] (257 x 188 by default)."""
+    import scipy.fft
+    from numpy.lib.stride_tricks import sliding_window_view
+
     wav, rate = read_wav(path)
-    wav = resample(wav, rate, sample_rate)
+    wav = resample(wav, rate, sample_rate).numpy()
     length = int(sample_rate * seconds)
-    wav = wav.repeat(-(-length // wav.numel()))[:length].clamp(-1.0, 1.0)
-    spec = torch.stft(wav, n_fft, hop_length=hop, window=torch.hann_window(n_fft),
-                      center=True, return_complex=True)
-    return torch.log(spec.abs() + 1e-7).unsqueeze(0)
+    wav = np.tile(wav, -(-length // wav.size))[:length]
+    np.clip(wav, -1.0, 1.0, out=wav)
+    padded = np.pad(wav, n_fft // 2, mode="reflect")            # centred frames
+    frames = sliding_window_view(padded, n_fft)[::hop] * _hann(n_fft)
+    spec = np.abs(scipy.fft.rfft(frames, axis=1)).T            # float32 throughout
+    return torch.from_numpy(np.log(spec + np.float32(1e-7))).unsqueeze(0)
+
+
+def _hann(n: int) -> np.ndarray:
+    """The periodic Hann window (librosa's and torch.hann_window's), float32."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
@@ -212,8 +223,6 @@ def _image_size(data: bytes, name: str) -> tuple[int, int]:
 def _resize(crops: list[np.ndarray], size: int) -> list[torch.Tensor]:
     """Bilinear (antialiased, as Pillow's) resize of [H, W, C] uint8 crops to [C, size, size];
     crops of one shape are resized together."""
-    from torch.nn import functional as F
-
     out: list[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, c in enumerate(crops):

@@ -54,6 +54,37 @@ def read_annotations(path: Path) -> tuple[list[str], dict[str, list[tuple[str, i
     return labels, subsets
 
 
+_VLEN_UINT8 = None
+
+
+def _read_hdf5_frames(path: Path, count: int) -> tuple[list[int], list[bytes]]:
+    """The picked frame indices of hdf5 dataset "video" and their encoded bytes, in one
+    element-selection read (h5py's low-level API: about half the cost of its indexing)."""
+    import h5py
+    from h5py import h5d, h5f, h5s, h5t
+
+    global _VLEN_UINT8
+    if _VLEN_UINT8 is None:
+        _VLEN_UINT8 = h5py.vlen_dtype(np.uint8)
+    fid = h5f.open(str(path).encode(), h5f.ACC_RDONLY)
+    try:
+        dset = h5d.open(fid, b"video")
+        space = dset.get_space()
+        if space.get_simple_extent_ndims() != 1 or h5py.check_vlen_dtype(dset.dtype) != np.uint8:
+            raise DataError(f"HDF5 video {path}: dataset 'video' must be a 1-D array of "
+                            f"variable-length uint8 (encoded frames), got {dset.dtype} of shape "
+                            f"{space.shape}")
+        picked = pick_frames(space.shape[0], count)
+        unique = sorted(set(picked))
+        space.select_elements(np.asarray(unique, dtype=np.uint64).reshape(-1, 1))
+        rows = np.empty(len(unique), dtype=_VLEN_UINT8)
+        dset.read(h5s.create_simple((len(unique),)), space, rows, h5t.py_create(_VLEN_UINT8))
+    finally:
+        fid.close()
+    position = {i: k for k, i in enumerate(unique)}
+    return picked, [rows[position[i]].tobytes() for i in picked]
+
+
 class HDF5Frames:
     """Reads `frames` evenly spaced encoded frames from hdf5/<id>.hdf5 (dataset "video") as a
     [3, T, size, size] uint8 clip."""
@@ -67,17 +98,12 @@ class HDF5Frames:
         self.dct_scaling, self.decoder = dct_scaling, decoder
 
     def __call__(self, video_id: str, train: bool) -> torch.Tensor:
-        import h5py
-
         path = require_file(self.folder / f"{video_id}.hdf5", "HDF5 video")
         try:
-            with h5py.File(path, "r") as fh:
-                data = fh["video"]
-                picked = pick_frames(len(data), self.frames)
-                unique = sorted(set(picked))  # one read: h5py wants increasing, distinct indices
-                rows = dict(zip(unique, data[unique]))
-                encoded = [np.asarray(rows[i], dtype=np.uint8).tobytes() for i in picked]
-        except (OSError, KeyError, ValueError, TypeError) as exc:
+            picked, encoded = _read_hdf5_frames(path, self.frames)
+        except DataError:
+            raise
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError, ...: name the file
             raise DataError(f"unreadable HDF5 video {path}: {exc}") from exc
         names = [f"{path}[video][{i}]" for i in picked]
         return rgb_clip_uint8(encoded, names, self.size, train=train,
