@@ -20,6 +20,7 @@ from fastbml.data import (
     prepare_batch,
 )
 from fastbml.data.base import carve_split
+from fastbml.data.batch import _fused_affine
 from fastbml.data.cremad import EMOTIONS
 from fastbml.data.io import IMAGENET_MEAN, IMAGENET_STD, crop_box, decode_crop
 from fastbml.train import Trainer, make_config
@@ -387,6 +388,11 @@ def test_normalize_uint8_is_the_float_normalisation():
     bf16 = normalize_uint8(x, mean, std, torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), expected, atol=0.02, rtol=0.01)
+    scale = (1 / (255 * torch.tensor(std))).view(1, 3, 1, 1, 1)
+    shift = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1, 1)
+    for dtype in (torch.float32, torch.bfloat16):   # the one-kernel form CUDA runs
+        torch.testing.assert_close(_fused_affine(x, scale, shift, dtype),
+                                   normalize_uint8(x, mean, std, dtype))
     with pytest.raises(ValueError, match="uint8"):
         normalize_uint8(x.float(), mean, std)
     with pytest.raises(ValueError, match="3 channels"):
@@ -411,3 +417,13 @@ def test_seeded_reads_are_reproducible(tmp_path):
     b, _ = train[(0, 123)]
     c, _ = train[(0, 124)]
     assert torch.equal(a["visual"], b["visual"]) and not torch.equal(a["visual"], c["visual"])
+
+
+@pytest.mark.gpu
+def test_normalize_uint8_on_cuda_matches_the_cpu():
+    x = torch.randint(0, 256, (8, 3, 3, 32, 32), dtype=torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        on_gpu = normalize_uint8(x.cuda(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype)
+        assert on_gpu.dtype == dtype and on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), normalize_uint8(
+            x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype))

@@ -24,8 +24,9 @@ def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(x / 255 - mean) / std per channel (dim 1) of a uint8 batch [B, C, ...], as `dtype`.
 
-    One elementwise kernel (uint8 in, `dtype` out; the arithmetic in float32), run on x's
-    device: `x * scale + shift` with scale = 1 / (255 std), shift = -mean / std.
+    `x * scale + shift` (scale = 1 / (255 std), shift = -mean / std, float32 arithmetic) on x's
+    device: on CUDA one elementwise kernel reading uint8 and writing `dtype`; on the CPU, where
+    mixed-dtype broadcasting is slow, a float32 conversion and two in-place passes.
     """
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize_uint8 expects a uint8 tensor, got {x.dtype}")
@@ -40,6 +41,15 @@ def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     scale = (1.0 / (255.0 * std_t)).view(view).to(x.device, non_blocking=True)
     shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(view).to(
         x.device, non_blocking=True)
+    if x.device.type == "cpu":
+        return x.to(torch.float32).mul_(scale).add_(shift).to(dtype)
+    return _fused_affine(x, scale, shift, dtype)
+
+
+def _fused_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """shift + x * scale in one TensorIterator kernel: x read as uint8, computed in float32,
+    written as `dtype`."""
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     return torch.addcmul(shift, x, scale, out=out)
 
