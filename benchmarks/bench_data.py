@@ -208,6 +208,9 @@ def normalize_cases(device: torch.device) -> list[Case]:
 
 
 def cases(device: torch.device) -> list[Case]:
+    """On CUDA the device-side normalisation alone (the loaders run on the CPU: `main`)."""
+    if device.type == "cuda":
+        return normalize_cases(device)
     root = Path(tempfile.mkdtemp(prefix="fastbml-bench-data-"))
     return (kinetics_cases(make_kinetics(root / "ks")) + audio_cases(root)[0]
             + normalize_cases(device))

@@ -22,7 +22,7 @@ from fastbml.data import (
 from fastbml.data.base import carve_split
 from fastbml.data.batch import _fused_affine
 from fastbml.data.cremad import EMOTIONS
-from fastbml.data.io import IMAGENET_MEAN, IMAGENET_STD, crop_box, decode_crop
+from fastbml.data.io import IMAGENET_MEAN, IMAGENET_STD, crop_box, decode_crop, pick_frames
 from fastbml.train import Trainer, make_config
 
 RNG = np.random.default_rng(0)
@@ -345,7 +345,7 @@ def test_uint8_clip_matches_the_float_path(tmp_path, decoder, train):
         clip = read("vid_training_0", train)
         assert clip.dtype == torch.uint8 and clip.shape == (3, 3, 112, 112)
         torch.manual_seed(k)
-        box = None
+        box = (42, 0, 256, 256, False)                  # T-PAMI's eval: short side, centre
         if train:
             seed = int(torch.randint(0, 2 ** 62, ()))
             box = crop_box(340, 256, (0.25, 1.0), torch.Generator().manual_seed(seed))
@@ -356,7 +356,7 @@ def test_uint8_clip_matches_the_float_path(tmp_path, decoder, train):
     # DCT-scaled decoding (the default) changes the pixels only slightly
     scaled = load_dataset("kinetics-sounds", tmp_path, options={"image_size": 112})
     clip = scaled.test.readers["visual"]("vid_validation_0", False)
-    expected = _float_clip([frames[0], frames[2], frames[4]], 112, None)
+    expected = _float_clip([frames[0], frames[2], frames[4]], 112, (42, 0, 256, 256, False))
     got = prepare_batch({"visual": clip[None]}, scaled.info, "cpu")["visual"][0]
     assert (got - expected).abs().mean() < 4 * level
 
@@ -427,3 +427,10 @@ def test_normalize_uint8_on_cuda_matches_the_cpu():
         assert on_gpu.dtype == dtype and on_gpu.is_cuda
         torch.testing.assert_close(on_gpu.cpu(), normalize_uint8(
             x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype))
+
+
+def test_pick_frames_rounds_down_like_tpami():
+    assert pick_frames(10, 3) == [0, 4, 9] and pick_frames(12, 3) == [0, 5, 11]   # int((n-1)/2)
+    assert pick_frames(2, 3) == [0, 0, 1] and pick_frames(7, 1) == [0]
+    with pytest.raises(ValueError, match="no frames"):
+        pick_frames(0, 3)

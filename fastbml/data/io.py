@@ -119,12 +119,13 @@ def fit_spectrogram(array: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def pick_frames(n: int, count: int) -> list[int]:
-    """`count` evenly spaced indices over n frames (first, ..., last); repeats when n < count."""
+    """`count` evenly spaced indices over n frames (first, ..., last), rounded down (T-PAMI's
+    first / int((n - 1) / 2) / last for 3); repeats when n < count."""
     if n < 1:
         raise ValueError("no frames to pick from")
     if count == 1:
         return [0]
-    return [round(i * (n - 1) / (count - 1)) for i in range(count)]
+    return [i * (n - 1) // (count - 1) for i in range(count)]
 
 
 def crop_box(width: int, height: int, crop_scale: tuple[float, float] = (0.08, 1.0),
@@ -142,6 +143,13 @@ def crop_box(width: int, height: int, crop_scale: tuple[float, float] = (0.08, 1
 
 
 DECODERS = ("auto", "simplejpeg", "pillow")
+EVAL_CROPS = ("resize", "center")
+
+
+def center_box(width: int, height: int) -> tuple[int, int, int, int, bool]:
+    """The centred square of side min(width, height), not flipped."""
+    side = min(width, height)
+    return round((width - side) / 2), round((height - side) / 2), side, side, False
 
 
 def _simplejpeg():
@@ -239,20 +247,24 @@ def _resize(crops: list[np.ndarray], size: int) -> list[torch.Tensor]:
 
 def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int, *,
                train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
-               gray: bool = False, dct_scaling: bool = True,
-               decoder: str = "auto") -> torch.Tensor:
+               gray: bool = False, dct_scaling: bool = True, decoder: str = "auto",
+               eval_crop: str = "resize") -> torch.Tensor:
     """[C, T, size, size] uint8 clip of T encoded frames: when training one random resized crop
-    + horizontal flip, drawn from `seed`, shared by all frames of one size; otherwise a plain
-    resize. Normalisation happens later, on the training device (`normalize_uint8`)."""
+    + horizontal flip, drawn from `seed`, shared by all frames of one size; otherwise the whole
+    frame resized (`eval_crop="resize"`) or its centred square (`"center"`: a short-side resize
+    and centre crop). Normalisation happens later, on the training device (`normalize_uint8`)."""
+    if eval_crop not in EVAL_CROPS:
+        raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
     crops, flips = [], []
     boxes: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {}
     for source, name in zip(sources, names):
         data = _encoded(source, name)
         box = None
-        if train:
+        if train or eval_crop == "center":
             wh = _image_size(data, name)
             if wh not in boxes:
-                boxes[wh] = crop_box(*wh, crop_scale, torch.Generator().manual_seed(seed))
+                boxes[wh] = (crop_box(*wh, crop_scale, torch.Generator().manual_seed(seed))
+                             if train else center_box(*wh))
             box = boxes[wh]
         crops.append(decode_crop(data, name, None if box is None else box[:4], size, gray=gray,
                                  dct_scaling=dct_scaling, decoder=decoder))
@@ -263,11 +275,12 @@ def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int,
 
 def rgb_clip_uint8(sources: Sequence[bytes | Path], names: Sequence[str], size: int, *,
                    train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
-                   dct_scaling: bool = True, decoder: str = "auto") -> torch.Tensor:
+                   dct_scaling: bool = True, decoder: str = "auto",
+                   eval_crop: str = "resize") -> torch.Tensor:
     """[3, T, size, size] uint8 RGB clip (normalise with IMAGENET_MEAN / IMAGENET_STD)."""
     seed = int(torch.randint(0, 2 ** 62, ())) if train else 0
     return frame_clip(sources, names, size, train=train, seed=seed, crop_scale=crop_scale,
-                      dct_scaling=dct_scaling, decoder=decoder)
+                      dct_scaling=dct_scaling, decoder=decoder, eval_crop=eval_crop)
 
 
 def flow_clip_uint8(pairs: Sequence[tuple[Path, Path]], size: int, *, train: bool,
@@ -286,11 +299,13 @@ class FrameFolder:
 
     def __init__(self, root: Path, frames: int, size: int,
                  crop_scale: tuple[float, float] = (0.08, 1.0), *, dct_scaling: bool = True,
-                 decoder: str = "auto"):
+                 decoder: str = "auto", eval_crop: str = "resize"):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if eval_crop not in EVAL_CROPS:
+            raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
         self.root, self.frames, self.size, self.crop_scale = root, frames, size, crop_scale
-        self.dct_scaling, self.decoder = dct_scaling, decoder
+        self.dct_scaling, self.decoder, self.eval_crop = dct_scaling, decoder, eval_crop
 
     def __call__(self, clip_id: str, train: bool) -> torch.Tensor:
         folder = self.root / clip_id
@@ -302,4 +317,4 @@ class FrameFolder:
         picked = [files[i] for i in pick_frames(len(files), self.frames)]
         return rgb_clip_uint8(picked, [str(p) for p in picked], self.size, train=train,
                               crop_scale=self.crop_scale, dct_scaling=self.dct_scaling,
-                              decoder=self.decoder)
+                              decoder=self.decoder, eval_crop=self.eval_crop)

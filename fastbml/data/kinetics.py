@@ -31,6 +31,7 @@ from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, require_file, split_train_val
 from .io import (
     DECODERS,
+    EVAL_CROPS,
     IMAGENET_NORM,
     FrameFolder,
     fit_spectrogram,
@@ -91,11 +92,13 @@ class HDF5Frames:
 
     def __init__(self, folder: Path, frames: int, size: int,
                  crop_scale: tuple[float, float] = (0.25, 1.0), *, dct_scaling: bool = True,
-                 decoder: str = "auto"):
+                 decoder: str = "auto", eval_crop: str = "center"):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if eval_crop not in EVAL_CROPS:
+            raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
         self.folder, self.frames, self.size, self.crop_scale = folder, frames, size, crop_scale
-        self.dct_scaling, self.decoder = dct_scaling, decoder
+        self.dct_scaling, self.decoder, self.eval_crop = dct_scaling, decoder, eval_crop
 
     def __call__(self, video_id: str, train: bool) -> torch.Tensor:
         path = require_file(self.folder / f"{video_id}.hdf5", "HDF5 video")
@@ -108,7 +111,7 @@ class HDF5Frames:
         names = [f"{path}[video][{i}]" for i in picked]
         return rgb_clip_uint8(encoded, names, self.size, train=train,
                               crop_scale=self.crop_scale, dct_scaling=self.dct_scaling,
-                              decoder=self.decoder)
+                              decoder=self.decoder, eval_crop=self.eval_crop)
 
 
 class PickledSpectrogram:
@@ -144,7 +147,8 @@ def kinetics_loader(name: str, frame_source: str):
         if frame_source == "hdf5":
             visual = HDF5Frames(root / "hdf5", frames, size, **decode)
         else:
-            visual = FrameFolder(root / "frames", frames, size, crop_scale=(0.25, 1.0), **decode)
+            visual = FrameFolder(root / "frames", frames, size, crop_scale=(0.25, 1.0),
+                                 eval_crop="center", **decode)
         readers = {"audio": audio, "visual": visual}
         if "testing" in subsets and "validation" in subsets:
             test_rows = subsets["testing"]
