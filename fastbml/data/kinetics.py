@@ -9,14 +9,24 @@ plus a plain frame-folder variant.
       frames/<video_id>/*.jpg   (frame-folder variant) frames in name order
       audio/<video_id>.pkl      pickled 2-D numpy spectrogram [F, T] (or audio/<video_id>.npy)
 
-Visual: first, middle and last frame (`frames` evenly spaced; 3 in T-PAMI), random resized crop
-(scale 0.25-1) + flip when training, resize otherwise, ImageNet normalisation
--> [3, frames, size, size] with size 112. Audio: the spectrogram, time axis cropped or zero-padded
-to the first training sample's length -> [1, F, T]. Test is the "testing" subset, or
-"validation" when there is no "testing" (as the T-PAMI code evaluates); val is "validation"
+Visual: first, middle and last frame (`frames` evenly spaced, rounded down; 3 in T-PAMI), as a
+[3, frames, size, size] uint8 clip (size 112; `image_size=224` for the larger setting): decoded
+with simplejpeg (libjpeg-turbo), at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling where the
+region still covers size x size pixels (`dct_scaling=False` turns it off; `decoder="pillow"`
+uses Pillow), one random resized crop (scale 0.25-1, ratio 3/4-4/3) + flip for all frames when
+training, a short-side resize + centre crop otherwise, resized with torch's antialiased uint8
+bilinear kernel. The trainer (or `fastbml.data.prepare_batch`) converts it to float and
+normalises it (ImageNet) on the training device. Audio: the spectrogram, time axis cropped or
+zero-padded to the first training sample's length -> [1, F, T]. Test is the "testing" subset,
+or "validation" when there is no "testing" (as the T-PAMI code evaluates); val is "validation"
 when "testing" exists, otherwise carved from training (`val_fraction`). Videos listed in the
 annotations whose files are missing raise an error naming the file (the reference silently
 skips them).
+
+Against the T-PAMI code (torchvision on PIL images): its RandomResizedCrop retries up to 10
+times and falls back to a centre crop, ours draws once and clamps the crop into the frame; the
+resize matches Pillow's bilinear to within one uint8 level (tests), and DCT-scaled decoding is
+a different (DCT-domain) downscale of large crops. The audio pickles are the authors' own.
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@
       rgb/<video>/img_00001.jpg ...              RGB frames (video = v_ApplyEyeMakeup_g08_c01)
       flow/<video>/flow_x_00001.jpg, flow_y_00001.jpg ...   grayscale flow components
 
-Modalities "rgb" -> [3, frames, size, size] (ImageNet-normalised) and "flow" ->
-[2, frames, size, size] (x and y in [-1, 1]); `frames` evenly spaced (default 3), the same
-indices for both, random resized crop + flip when training. `split` picks the official split
-(1-3); val is carved from its train list (`val_fraction`).
+Modalities "rgb" -> [3, frames, size, size] and "flow" -> [2, frames, size, size], both uint8
+from the loader and normalised on the training device (rgb: ImageNet; flow: x and y to [-1, 1]);
+`frames` evenly spaced (default 3), the same indices for both, random resized crop + flip when
+training (one crop for x and y), a plain resize otherwise. `split` picks the official split
+(1-3); val is carved from its train list (`val_fraction`). Decoding as for Kinetics
+(simplejpeg, DCT scaling; `dct_scaling`, `decoder` options). No authors' UCF-101 loader is
+reproduced here: the layout and transforms are the TSN convention, not checked against one.
 """
 
 from __future__ import annotations
