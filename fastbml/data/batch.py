@@ -16,6 +16,7 @@ from torch.utils.data import Sampler
 
 from .. import rng
 from .base import DatasetInfo
+from .encoded import EncodedBatch, decode_batch
 
 MAX_DEFAULT_WORKERS = 16
 
@@ -59,7 +60,8 @@ def prepare_batch(inputs: Mapping[str, torch.Tensor], info: DatasetInfo, device:
                   modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """A loader batch as model inputs on `device`: every modality moved there (non-blocking
     from pinned memory), uint8 ones normalised with `info.uint8_norm` into `dtype` (float32 when
-    None; pass the autocast dtype under AMP). Float modalities are moved unchanged.
+    None; pass the autocast dtype under AMP), EncodedBatch ones (`gpu_decode`) decoded there.
+    Float modalities are moved unchanged.
 
     Use it in a training loop of your own: `x = prepare_batch(batch, splits.info, "cuda")`.
     """
@@ -69,15 +71,23 @@ def prepare_batch(inputs: Mapping[str, torch.Tensor], info: DatasetInfo, device:
         if m not in inputs:
             raise ValueError(f"prepare_batch: the batch has no modality {m!r} "
                              f"(it has {sorted(inputs)})")
-        x = inputs[m].to(device, non_blocking=True)
+        x = inputs[m]
+        if isinstance(x, EncodedBatch):
+            out[m] = decode_batch(x, *_norm(info, m), device, dtype or torch.float32)
+            continue
+        x = x.to(device, non_blocking=True)
         if x.dtype == torch.uint8:
-            if m not in info.uint8_norm:
-                raise ValueError(f"prepare_batch: modality {m!r} of dataset {info.name!r} is "
-                                 "uint8 but the dataset gives no normalisation for it "
-                                 "(DatasetInfo.uint8_norm)")
-            x = normalize_uint8(x, *info.uint8_norm[m], dtype=dtype or torch.float32)
+            x = normalize_uint8(x, *_norm(info, m), dtype=dtype or torch.float32)
         out[m] = x
     return out
+
+
+def _norm(info: DatasetInfo, m: str):
+    if m not in info.uint8_norm:
+        raise ValueError(f"prepare_batch: modality {m!r} of dataset {info.name!r} is uint8 (or "
+                         "encoded) but the dataset gives no normalisation for it "
+                         "(DatasetInfo.uint8_norm)")
+    return info.uint8_norm[m]
 
 
 def available_cores() -> int:

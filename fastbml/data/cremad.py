@@ -31,6 +31,7 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, read_lines, split_train_val
+from .encoded import decode_options
 from .io import IMAGENET_NORM, FrameFolder, fit_spectrogram, load_array, wav_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -68,8 +69,7 @@ def load_cremad(root: Path, seed: int, options: dict) -> Splits:
     frames = int(options.pop("frames", 1))
     size = int(options.pop("image_size", 224))
     val_fraction = float(options.pop("val_fraction", 744 / 6698))
-    decode = {"dct_scaling": bool(options.pop("dct_scaling", True)),
-              "decoder": str(options.pop("decoder", "auto"))}
+    decode = decode_options(options)
     if options:
         raise ValueError(f"unknown CREMA-D options: {sorted(options)}")
     train_rows = read_split_csv(root / "train.csv", EMOTIONS)

@@ -248,13 +248,23 @@ def _resize(crops: list[np.ndarray], size: int) -> list[torch.Tensor]:
 def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int, *,
                train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
                gray: bool = False, dct_scaling: bool = True, decoder: str = "auto",
-               eval_crop: str = "resize") -> torch.Tensor:
+               eval_crop: str = "resize", encoded: bool = False):
     """[C, T, size, size] uint8 clip of T encoded frames: when training one random resized crop
     + horizontal flip, drawn from `seed`, shared by all frames of one size; otherwise the whole
     frame resized (`eval_crop="resize"`) or its centred square (`"center"`: a short-side resize
-    and centre crop). Normalisation happens later, on the training device (`normalize_uint8`)."""
+    and centre crop). Normalisation happens later, on the training device (`normalize_uint8`).
+    With `encoded`, nothing is decoded: an EncodedClip (bytes and boxes) for `decode_batch`."""
     if eval_crop not in EVAL_CROPS:
         raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
+    if encoded:
+        from .encoded import encoded_clip
+
+        datas = [_encoded(s, n) for s, n in zip(sources, names)]
+        sizes = [_image_size(d, n) for d, n in zip(datas, names)]
+        draw = {wh: (crop_box(*wh, crop_scale, torch.Generator().manual_seed(seed)) if train
+                     else center_box(*wh) if eval_crop == "center" else (0, 0, *wh, False))
+                for wh in dict.fromkeys(sizes)}
+        return encoded_clip(datas, list(names), [draw[wh] for wh in sizes], size, gray)
     crops, flips = [], []
     boxes: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {}
     for source, name in zip(sources, names):
@@ -276,11 +286,13 @@ def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int,
 def rgb_clip_uint8(sources: Sequence[bytes | Path], names: Sequence[str], size: int, *,
                    train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
                    dct_scaling: bool = True, decoder: str = "auto",
-                   eval_crop: str = "resize") -> torch.Tensor:
-    """[3, T, size, size] uint8 RGB clip (normalise with IMAGENET_MEAN / IMAGENET_STD)."""
+                   eval_crop: str = "resize", encoded: bool = False):
+    """[3, T, size, size] uint8 RGB clip (normalise with IMAGENET_MEAN / IMAGENET_STD), or its
+    EncodedClip with `encoded`."""
     seed = int(torch.randint(0, 2 ** 62, ())) if train else 0
     return frame_clip(sources, names, size, train=train, seed=seed, crop_scale=crop_scale,
-                      dct_scaling=dct_scaling, decoder=decoder, eval_crop=eval_crop)
+                      dct_scaling=dct_scaling, decoder=decoder, eval_crop=eval_crop,
+                      encoded=encoded)
 
 
 def flow_clip_uint8(pairs: Sequence[tuple[Path, Path]], size: int, *, train: bool,
@@ -299,13 +311,14 @@ class FrameFolder:
 
     def __init__(self, root: Path, frames: int, size: int,
                  crop_scale: tuple[float, float] = (0.08, 1.0), *, dct_scaling: bool = True,
-                 decoder: str = "auto", eval_crop: str = "resize"):
+                 decoder: str = "auto", eval_crop: str = "resize", gpu_decode: bool = False):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if eval_crop not in EVAL_CROPS:
             raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
         self.root, self.frames, self.size, self.crop_scale = root, frames, size, crop_scale
         self.dct_scaling, self.decoder, self.eval_crop = dct_scaling, decoder, eval_crop
+        self.gpu_decode = gpu_decode
 
     def __call__(self, clip_id: str, train: bool) -> torch.Tensor:
         folder = self.root / clip_id
@@ -317,4 +330,5 @@ class FrameFolder:
         picked = [files[i] for i in pick_frames(len(files), self.frames)]
         return rgb_clip_uint8(picked, [str(p) for p in picked], self.size, train=train,
                               crop_scale=self.crop_scale, dct_scaling=self.dct_scaling,
-                              decoder=self.decoder, eval_crop=self.eval_crop)
+                              decoder=self.decoder, eval_crop=self.eval_crop,
+                              encoded=self.gpu_decode)

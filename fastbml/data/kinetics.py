@@ -39,6 +39,7 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, require_file, split_train_val
+from .encoded import decode_options
 from .io import (
     DECODERS,
     EVAL_CROPS,
@@ -102,13 +103,14 @@ class HDF5Frames:
 
     def __init__(self, folder: Path, frames: int, size: int,
                  crop_scale: tuple[float, float] = (0.25, 1.0), *, dct_scaling: bool = True,
-                 decoder: str = "auto", eval_crop: str = "center"):
+                 decoder: str = "auto", eval_crop: str = "center", gpu_decode: bool = False):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if eval_crop not in EVAL_CROPS:
             raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
         self.folder, self.frames, self.size, self.crop_scale = folder, frames, size, crop_scale
         self.dct_scaling, self.decoder, self.eval_crop = dct_scaling, decoder, eval_crop
+        self.gpu_decode = gpu_decode
 
     def __call__(self, video_id: str, train: bool) -> torch.Tensor:
         path = require_file(self.folder / f"{video_id}.hdf5", "HDF5 video")
@@ -121,7 +123,8 @@ class HDF5Frames:
         names = [f"{path}[video][{i}]" for i in picked]
         return rgb_clip_uint8(encoded, names, self.size, train=train,
                               crop_scale=self.crop_scale, dct_scaling=self.dct_scaling,
-                              decoder=self.decoder, eval_crop=self.eval_crop)
+                              decoder=self.decoder, eval_crop=self.eval_crop,
+                              encoded=self.gpu_decode)
 
 
 class PickledSpectrogram:
@@ -144,8 +147,7 @@ def kinetics_loader(name: str, frame_source: str):
         frames = int(options.pop("frames", 3))
         size = int(options.pop("image_size", 112))
         val_fraction = float(options.pop("val_fraction", 0.1))
-        decode = {"dct_scaling": bool(options.pop("dct_scaling", True)),
-                  "decoder": str(options.pop("decoder", "auto"))}
+        decode = decode_options(options)
         if options:
             raise ValueError(f"unknown {name} options: {sorted(options)}")
         classes, subsets = read_annotations(root / "annotations.json")

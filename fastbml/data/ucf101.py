@@ -24,6 +24,7 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, read_lines, split_train_val
+from .encoded import decode_options
 from .io import DECODERS, FLOW_NORM, IMAGENET_NORM, FrameFolder, flow_clip_uint8, pick_frames
 
 
@@ -85,8 +86,8 @@ def load_ucf101(root: Path, seed: int, options: dict) -> Splits:
     frames = int(options.pop("frames", 3))
     size = int(options.pop("image_size", 112))
     val_fraction = float(options.pop("val_fraction", 0.1))
-    decode = {"dct_scaling": bool(options.pop("dct_scaling", True)),
-              "decoder": str(options.pop("decoder", "auto"))}
+    decode = decode_options(options)
+    gpu = decode.pop("gpu_decode")  # rgb only: flow frames are decoded in the loader
     if options:
         raise ValueError(f"unknown UCF-101 options: {sorted(options)}")
     if split not in (1, 2, 3):
@@ -94,7 +95,7 @@ def load_ucf101(root: Path, seed: int, options: dict) -> Splits:
     classes = read_class_index(root / "classInd.txt")
     train_rows = read_split_list(root / f"trainlist0{split}.txt", classes)
     test_rows = read_split_list(root / f"testlist0{split}.txt", classes)
-    readers = {"rgb": FrameFolder(root / "rgb", frames, size, **decode),
+    readers = {"rgb": FrameFolder(root / "rgb", frames, size, gpu_decode=gpu, **decode),
                "flow": FlowFrames(root / "flow", frames, size, **decode)}
     train, val = split_train_val(train_rows, readers, val_fraction, seed, "ucf101")
     info = DatasetInfo("ucf101", {"rgb": InputSpec("frames", (3, frames, size, size)),

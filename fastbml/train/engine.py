@@ -40,6 +40,7 @@ from torch.utils.data import (
 from .. import distributed, rng
 from ..data import FileDataset, Splits, TensorDataset, load_dataset
 from ..data.batch import SeededSampler, default_workers, prepare_batch
+from ..data.encoded import collate
 from ..models import build_model
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
@@ -312,6 +313,7 @@ class Trainer:
         # the loader's generator only draws the workers' base seed (not torch's global RNG)
         return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                           drop_last=drop_last, num_workers=workers, pin_memory=cuda,
+                          collate_fn=collate if isinstance(dataset, FileDataset) else None,
                           persistent_workers=workers > 0,
                           prefetch_factor=cfg.prefetch if workers > 0 else None,
                           generator=torch.Generator().manual_seed(cfg.seed))
