@@ -281,7 +281,7 @@ class Trainer:
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
         """Batches of `dataset` (this rank's share under DDP: the epoch's shuffled shard when
         training, rows rank, rank + W, ... when evaluating); in-memory datasets are indexed a
-        whole batch at a time."""
+        whole batch at a time, file datasets through persistent workers (`self.workers`)."""
         cfg = self.cfg
         cuda = self.device.type == "cuda"
         drop_last = shuffle and cfg.drop_last
@@ -337,7 +337,7 @@ class Trainer:
         self.loader_gen.manual_seed(rng.step_seed(cfg.seed, epoch))
         if self.train_sampler is not None:
             self.train_sampler.set_epoch(epoch)
-            # workers' base seed (augmentation): a different stream on every rank
+            # a different stream on every rank (file datasets' augmentation: SeededSampler)
             self.loader_gen.manual_seed(rng.step_seed(rng.step_seed(cfg.seed, epoch), self.rank))
         if self.augment_seeds is not None:
             self.augment_seeds.seed = rng.step_seed(rng.step_seed(cfg.seed, epoch), 1)
