@@ -56,8 +56,9 @@ def _frame(seed: int) -> bytes:
     g = np.random.default_rng(seed)
     y, x = np.mgrid[0:256, 0:340]
     phase = g.uniform(0, 6.3, 6)
-    pixels = np.stack([(np.sin(x / (13 + 4 * c) + phase[c]) + np.cos(y / (19 - 3 * c) + phase[c + 3]))
-                       * 55 + 128 for c in range(3)], -1) + g.normal(0, 6, (256, 340, 3))
+    waves = [np.sin(x / (13 + 4 * c) + phase[c]) + np.cos(y / (19 - 3 * c) + phase[c + 3])
+             for c in range(3)]
+    pixels = np.stack(waves, -1) * 55 + 128 + g.normal(0, 6, (256, 340, 3))
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -204,8 +205,10 @@ def audio_cases(root: Path) -> tuple[list[Case], dict[str, float]]:
     shape = f"CREMA-D WAV 16 kHz 2.5 s -> 1x257x188, {AUDIO_CLIPS} clips"
     corr = {"linear (before)": _reference_correlation(paths[0], _linear_spectrogram(paths[0])),
             "soxr (fastbml)": _reference_correlation(paths[0], wav_spectrogram(paths[0]))}
-    return [Case("cremad_audio", shape, ORIGINAL, lambda: [_linear_spectrogram(p) for p in paths]),
-            Case("cremad_audio", shape, "fastbml", lambda: [wav_spectrogram(p) for p in paths])], corr
+    return [Case("cremad_audio", shape, ORIGINAL,
+                 lambda: [_linear_spectrogram(p) for p in paths]),
+            Case("cremad_audio", shape, "fastbml",
+                 lambda: [wav_spectrogram(p) for p in paths])], corr
 
 
 def normalize_cases(device: torch.device) -> list[Case]:
@@ -274,7 +277,8 @@ def main(rounds: int = 11) -> None:
         key = next(k for k in times if k[0] == "cremad_audio" and k[2] == impl)
         lines.append(f"| {label} | {times[key] * 1e3 / AUDIO_CLIPS:.2f} | {corr[label]:.4f} |")
     lines += ["", "## Device-side normalisation per batch", "",
-              "| batch | measured ms on this CPU (1 thread) | H100 estimate ms (bytes / 3.35 TB/s) |",
+              "| batch | measured ms on this CPU (1 thread) "
+              "| H100 estimate ms (bytes / 3.35 TB/s) |",
               "|---|---:|---:|"]
     for (op, shape, _), seconds in times.items():
         if op != "normalize":

@@ -145,7 +145,7 @@ class FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i) -> tuple[dict[str, torch.Tensor], int]:
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
         if isinstance(i, tuple):
             i, seed = i
             with torch.random.fork_rng(devices=[]):

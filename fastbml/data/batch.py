@@ -102,7 +102,8 @@ def available_cores() -> int:
 def default_workers() -> int:
     """DataLoader workers per process when --workers is not given: the available cores shared
     among the node's ranks (LOCAL_WORLD_SIZE, set by torchrun), at most 16; 0 (load in the main
-    process) when that leaves fewer than 2."""
+    process) when that leaves fewer than 2. A launcher that binds each rank to its own cores
+    already divides them: pass --workers there."""
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     share = available_cores() // local_ranks
     return min(share, MAX_DEFAULT_WORKERS) if share >= 2 else 0

@@ -39,7 +39,7 @@ class EncodedBatch(list):
     """The EncodedClips of one batch (what `collate` makes of them)."""
 
 
-def collate(batch: Sequence[tuple[dict, int]]):
+def collate(batch: Sequence[tuple[dict, int]]) -> tuple[dict, torch.Tensor]:
     """default_collate for (inputs dict, label) items, except that EncodedClip values are kept
     as an EncodedBatch (their frames have different byte lengths)."""
     inputs = [item[0] for item in batch]

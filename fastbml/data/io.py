@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from .base import DataError, require_file
+from .encoded import EncodedClip, encoded_clip
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -248,7 +249,7 @@ def _resize(crops: list[np.ndarray], size: int) -> list[torch.Tensor]:
 def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int, *,
                train: bool, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
                gray: bool = False, dct_scaling: bool = True, decoder: str = "auto",
-               eval_crop: str = "resize", encoded: bool = False):
+               eval_crop: str = "resize", encoded: bool = False) -> torch.Tensor | EncodedClip:
     """[C, T, size, size] uint8 clip of T encoded frames: when training one random resized crop
     + horizontal flip, drawn from `seed`, shared by all frames of one size; otherwise the whole
     frame resized (`eval_crop="resize"`) or its centred square (`"center"`: a short-side resize
@@ -257,8 +258,6 @@ def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int,
     if eval_crop not in EVAL_CROPS:
         raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
     if encoded:
-        from .encoded import encoded_clip
-
         datas = [_encoded(s, n) for s, n in zip(sources, names)]
         sizes = [_image_size(d, n) for d, n in zip(datas, names)]
         draw = {wh: (crop_box(*wh, crop_scale, torch.Generator().manual_seed(seed)) if train
@@ -286,7 +285,7 @@ def frame_clip(sources: Sequence[bytes | Path], names: Sequence[str], size: int,
 def rgb_clip_uint8(sources: Sequence[bytes | Path], names: Sequence[str], size: int, *,
                    train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
                    dct_scaling: bool = True, decoder: str = "auto",
-                   eval_crop: str = "resize", encoded: bool = False):
+                   eval_crop: str = "resize", encoded: bool = False) -> torch.Tensor | EncodedClip:
     """[3, T, size, size] uint8 RGB clip (normalise with IMAGENET_MEAN / IMAGENET_STD), or its
     EncodedClip with `encoded`."""
     seed = int(torch.randint(0, 2 ** 62, ())) if train else 0
