@@ -36,7 +36,9 @@ _HELP = {
     "device": "auto, cpu, cuda or cuda:N (under torchrun auto/cuda mean cuda:LOCAL_RANK)",
     "dist_backend": "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on "
                     "CPU), nccl or gloo",
-    "workers": "DataLoader worker processes",
+    "workers": "DataLoader worker processes per process (default: the cores available to "
+               "this process divided among the node's ranks, at most 16; 0 below 2)",
+    "prefetch": "batches each DataLoader worker loads ahead",
     "threads": "torch CPU threads", "backend": "fastbml kernel backend: auto, torch, cpp, triton",
     "compile": "torch.compile the training forward (OPM included) and the OGM step",
     "compile_mode": "torch.compile mode with Inductor: default, reduce-overhead (CUDA graphs), "
@@ -45,7 +47,7 @@ _HELP = {
     "out": "run directory (logs, checkpoints, plots)",
 }
 _NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "dr_clusters": int,
-                       "threads": int}
+                       "threads": int, "workers": int}
 
 
 def _key_value(text: str) -> tuple[str, object]:

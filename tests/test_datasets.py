@@ -11,9 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from fastbml.data import DataError, SyntheticConfig, load_dataset, make_synthetic
+from fastbml.data import (
+    DataError,
+    SyntheticConfig,
+    load_dataset,
+    make_synthetic,
+    normalize_uint8,
+    prepare_batch,
+)
 from fastbml.data.base import carve_split
+from fastbml.data.batch import _fused_affine
 from fastbml.data.cremad import EMOTIONS
+from fastbml.data.io import IMAGENET_MEAN, IMAGENET_STD, crop_box, decode_crop, pick_frames
 from fastbml.train import Trainer, make_config
 
 RNG = np.random.default_rng(0)
@@ -190,7 +199,10 @@ def test_ucf101_layout_and_errors(tmp_path):
     inputs, label = splits.test[1]
     assert label == 1
     assert inputs["rgb"].shape == (3, 3, 16, 16) and inputs["flow"].shape == (2, 3, 16, 16)
-    assert inputs["flow"].min() >= -1 and inputs["flow"].max() <= 1
+    assert inputs["rgb"].dtype == inputs["flow"].dtype == torch.uint8
+    flow = prepare_batch({"flow": inputs["flow"][None]}, splits.info, "cpu")["flow"]
+    assert flow.dtype == torch.float32 and flow.min() >= -1 and flow.max() <= 1
+    torch.testing.assert_close(flow[0], inputs["flow"].float() / 255 * 2 - 1)
     (tmp_path / "flow" / "v_Archery_g03_c01" / "flow_y_00004.jpg").unlink()
     with pytest.raises(DataError, match=r"flow_y_00004\.jpg"):
         splits.test[1]
@@ -278,3 +290,147 @@ def test_load_dataset_errors(tmp_path):
         load_dataset("cremad")
     with pytest.raises(DataError, match="not a directory"):
         load_dataset("ucf101", tmp_path / "nowhere")
+
+
+def _smooth_jpeg(size=(340, 256), seed=0):
+    """A JPEG of a smooth picture with texture (so DCT-scaled decoding is meaningful)."""
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    pixels = np.stack([(np.sin(x / (11 + 5 * c)) + np.cos(y / (17 - 3 * c))) * 60 + 128
+                       for c in range(3)], -1) + g.normal(0, 8, (size[1], size[0], 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG",
+                                                                      quality=92)
+    return buf.getvalue()
+
+
+def _float_clip(frames, size, box):
+    """The float path the uint8 one replaces: Pillow decode, crop, flip, Pillow bilinear resize,
+    /255, ImageNet normalisation -> [3, T, size, size]."""
+    out = []
+    for data in frames:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if box is not None:
+            x0, y0, cw, ch, flip = box
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        out.append((x - IMAGENET_MEAN) / IMAGENET_STD)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_clip_matches_the_float_path(tmp_path, decoder, train):
+    """Same crop parameters as the float path; the values differ by at most one uint8 level
+    (torch's and Pillow's bilinear kernels round differently), on average far less."""
+    database = _annotations(tmp_path, {"training": 6, "validation": 3})
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "hdf5").mkdir()
+    frames = [_smooth_jpeg(seed=i) for i in range(5)]
+    for vid in database:
+        np.save(tmp_path / "audio" / f"{vid}.npy", np.zeros((8, 10), np.float32))
+        with h5py.File(tmp_path / "hdf5" / f"{vid}.hdf5", "w") as fh:
+            ds = fh.create_dataset("video", (5,), dtype=h5py.vlen_dtype(np.uint8))
+            for i, f in enumerate(frames):
+                ds[i] = np.frombuffer(f, dtype=np.uint8)
+    splits = load_dataset("kinetics-sounds", tmp_path,
+                          options={"image_size": 112, "dct_scaling": False, "decoder": decoder})
+    read = splits.train.readers["visual"]
+    level = 1 / 255 / IMAGENET_STD.min().item()
+    for k in range(4):
+        torch.manual_seed(k)
+        clip = read("vid_training_0", train)
+        assert clip.dtype == torch.uint8 and clip.shape == (3, 3, 112, 112)
+        torch.manual_seed(k)
+        box = (42, 0, 256, 256, False)                  # T-PAMI's eval: short side, centre
+        if train:
+            seed = int(torch.randint(0, 2 ** 62, ()))
+            box = crop_box(340, 256, (0.25, 1.0), torch.Generator().manual_seed(seed))
+        expected = _float_clip([frames[0], frames[2], frames[4]], 112, box)
+        got = prepare_batch({"visual": clip[None]}, splits.info, "cpu")["visual"][0]
+        diff = (got - expected).abs()
+        assert diff.max() <= level + 1e-5 and diff.mean() < 0.2 * level
+    # DCT-scaled decoding (the default) changes the pixels only slightly
+    scaled = load_dataset("kinetics-sounds", tmp_path, options={"image_size": 112})
+    clip = scaled.test.readers["visual"]("vid_validation_0", False)
+    expected = _float_clip([frames[0], frames[2], frames[4]], 112, (42, 0, 256, 256, False))
+    got = prepare_batch({"visual": clip[None]}, scaled.info, "cpu")["visual"][0]
+    assert (got - expected).abs().mean() < 4 * level
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
+def test_dct_scaled_decode_never_goes_below_the_crop_resolution(decoder):
+    data = _smooth_jpeg((680, 512))
+    full = decode_crop(data, "x.jpg", None, 112, dct_scaling=False, decoder=decoder)
+    assert full.shape == (512, 680, 3)
+    small = decode_crop(data, "x.jpg", None, 112, decoder=decoder)
+    assert small.shape == (128, 170, 3)                 # 1/4: the largest keeping >= 112
+    region = decode_crop(data, "x.jpg", (100, 50, 300, 240), 112, decoder=decoder)
+    assert min(region.shape[:2]) >= 112 and region.shape[1] < 300   # 1/2 of 300 x 240
+    assert decode_crop(data, "x.jpg", (100, 50, 300, 240), 224, decoder=decoder).shape == (
+        240, 300, 3)                                    # no reduction keeps 224
+    with pytest.raises(DataError, match=r"unreadable image broken\.jpg"):
+        decode_crop(data[:200], "broken.jpg", None, 112, decoder=decoder)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        decode_crop(data, "x.jpg", None, 112, decoder="nvjpeg")
+
+
+def test_normalize_uint8_is_the_float_normalisation():
+    x = torch.randint(0, 256, (4, 3, 2, 8, 8), dtype=torch.uint8)
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1, 1)) / torch.tensor(
+        std).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(normalize_uint8(x, mean, std), expected)
+    bf16 = normalize_uint8(x, mean, std, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), expected, atol=0.02, rtol=0.01)
+    scale = (1 / (255 * torch.tensor(std))).view(1, 3, 1, 1, 1)
+    shift = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1, 1)
+    for dtype in (torch.float32, torch.bfloat16):   # the one-kernel form CUDA runs
+        torch.testing.assert_close(_fused_affine(x, scale, shift, dtype),
+                                   normalize_uint8(x, mean, std, dtype))
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_uint8(x.float(), mean, std)
+    with pytest.raises(ValueError, match="3 channels"):
+        normalize_uint8(x[:, :2], mean, std)
+
+
+def test_prepare_batch_moves_floats_unchanged_and_needs_a_norm():
+    av = make_synthetic(0, SyntheticConfig(n_train=8, n_val=4, n_test=4, layout="av"))
+    batch, _ = av.train[[0, 1, 2]]
+    out = prepare_batch(batch, av.info, "cpu")
+    assert all(torch.equal(out[m], batch[m]) for m in batch)
+    with pytest.raises(ValueError, match=r"'visual' of dataset .* is uint8"):
+        prepare_batch({"visual": torch.zeros(2, 3, 1, 4, 4, dtype=torch.uint8)}, av.info, "cpu")
+
+
+def test_seeded_reads_are_reproducible(tmp_path):
+    _kinetics(tmp_path, "hdf5", {"training": 6, "validation": 3})
+    train = load_dataset("kinetics-sounds", tmp_path, options={"image_size": 16}).train
+    state = torch.get_rng_state()
+    a, _ = train[(0, 123)]
+    assert torch.equal(torch.get_rng_state(), state)    # a seeded read leaves torch's RNG alone
+    b, _ = train[(0, 123)]
+    c, _ = train[(0, 124)]
+    assert torch.equal(a["visual"], b["visual"]) and not torch.equal(a["visual"], c["visual"])
+
+
+@pytest.mark.gpu
+def test_normalize_uint8_on_cuda_matches_the_cpu():
+    x = torch.randint(0, 256, (8, 3, 3, 32, 32), dtype=torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        on_gpu = normalize_uint8(x.cuda(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype)
+        assert on_gpu.dtype == dtype and on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), normalize_uint8(
+            x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype))
+
+
+def test_pick_frames_rounds_down_like_tpami():
+    assert pick_frames(10, 3) == [0, 4, 9] and pick_frames(12, 3) == [0, 5, 11]   # int((n-1)/2)
+    assert pick_frames(2, 3) == [0, 0, 1] and pick_frames(7, 1) == [0]
+    with pytest.raises(ValueError, match="no frames"):
+        pick_frames(0, 3)

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .base import DataError, DatasetInfo, FileDataset, Splits, TensorDataset, carve_split
+from .batch import SeededSampler, default_workers, normalize_uint8, prepare_batch
 from .cremad import load_cremad
+from .encoded import EncodedBatch, EncodedClip, collate, decode_batch
 from .kinetics import kinetics_loader
 from .mosi import mosi_loader
 from .synthetic import SyntheticConfig, make_synthetic
@@ -63,13 +65,21 @@ def load_dataset(name: str, root: str | Path | None = None, *, seed: int = 0,
 __all__ = [
     "DataError",
     "DatasetInfo",
+    "EncodedBatch",
+    "EncodedClip",
     "FileDataset",
+    "SeededSampler",
     "Splits",
     "SyntheticConfig",
     "TensorDataset",
     "carve_split",
+    "collate",
     "dataset_names",
+    "decode_batch",
+    "default_workers",
     "load_dataset",
     "make_synthetic",
+    "normalize_uint8",
+    "prepare_batch",
     "register_dataset",
 ]

@@ -13,7 +13,23 @@ from ..models import InputSpec
 
 
 class DataError(ValueError):
-    """A dataset file is missing, unreadable or malformed; the message names the file."""
+    """A dataset file is missing, unreadable or malformed; the message names the file.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from the worker's
+    traceback text; the message then leads with the worker's own message (the file and the
+    dataset) and keeps the worker traceback in `worker_traceback`.
+    """
+
+    _WORKER = "Caught DataError in DataLoader worker process"
+
+    def __init__(self, message: str = ""):
+        self.worker_traceback = None
+        if isinstance(message, str) and message.startswith(self._WORKER):
+            where = message.split("\n", 1)[0][len("Caught DataError in "):].rstrip(".")
+            original = message.rsplit("DataError: ", 1)[-1].strip()
+            self.worker_traceback = message
+            message = f"{original} (in {where})"
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -24,6 +40,10 @@ class DatasetInfo:
     inputs: Mapping[str, InputSpec]
     num_classes: int
     class_names: tuple[str, ...] = field(default=())
+    # modality -> (mean, std) per channel, in [0, 1] units, of modalities read as uint8: the
+    # trainer (or `fastbml.data.prepare_batch`) normalises them on the training device
+    uint8_norm: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(
+        default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -108,29 +128,49 @@ def carve_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list
 class FileDataset(Dataset):
     """Items read from disk on access: `readers[m](sample_id, train) -> tensor` per modality.
 
-    `train` switches on the readers' augmentation (random crop / flip); val and test read
-    deterministically. Readers must be picklable for DataLoader workers.
+    `train` switches on the readers' augmentation (random crop / flip, drawn from torch's global
+    RNG); val and test read deterministically. An index may be an (index, seed) pair: the
+    augmentation of that read is then drawn from `seed` alone (the trainer's sampler does this,
+    so augmentation does not depend on worker count or persistence). Readers must be picklable
+    for DataLoader workers. Any failure is a DataError naming the dataset `name` and the sample.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], readers: Mapping, *, train: bool):
+    def __init__(self, samples: Sequence[tuple[str, int]], readers: Mapping, *, train: bool,
+                 name: str = "dataset"):
         if not samples:
-            raise DataError("the split is empty: no samples found")
+            raise DataError(f"{name}: the split is empty: no samples found")
         self.samples, self.readers, self.train = list(samples), dict(readers), train
+        self.name = name
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
+        if isinstance(i, tuple):
+            i, seed = i
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._read(i)
+        return self._read(i)
+
+    def _read(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
         sample_id, label = self.samples[i]
-        return {m: read(sample_id, self.train) for m, read in self.readers.items()}, label
+        split = "train" if self.train else "eval"
+        try:
+            return {m: read(sample_id, self.train) for m, read in self.readers.items()}, label
+        except Exception as exc:  # every failure names the dataset and the sample
+            raise DataError(f"{self.name} ({split}) sample {sample_id!r}: "
+                            f"{type(exc).__name__ + ': ' if not isinstance(exc, DataError) else ''}"
+                            f"{exc}") from exc
 
     def subset(self, indices: Sequence[int], *, train: bool) -> FileDataset:
-        return FileDataset([self.samples[i] for i in indices], self.readers, train=train)
+        return FileDataset([self.samples[i] for i in indices], self.readers, train=train,
+                           name=self.name)
 
 
 def split_train_val(samples: list[tuple[str, int]], readers: Mapping, val_fraction: float,
-                    seed: int) -> tuple[FileDataset, FileDataset]:
+                    seed: int, name: str = "dataset") -> tuple[FileDataset, FileDataset]:
     """Train and a stratified held-out val carved from `samples` (val reads without augmentation)."""
     kept, held = carve_split([label for _, label in samples], val_fraction, seed)
-    full = FileDataset(samples, readers, train=True)
+    full = FileDataset(samples, readers, train=True, name=name)
     return full.subset(kept, train=True), full.subset(held, train=False)

@@ -6,11 +6,21 @@
       audio_spec/<clip_id>.npy         a precomputed [F, T] spectrogram (used when present)
       Image-01-FPS/<clip_id>/*.jpg     frames extracted at 1 fps, in name order
 
-Audio from WAV follows OGM-GE: 22.05 kHz, 3 s tiled, log|STFT| (n_fft 512, hop 353) ->
-[1, 257, 188]. Visual: `frames` evenly spaced frames (1 in OGM-GE, 2 in D&R), random resized crop
-+ flip when training, resize otherwise, ImageNet normalisation -> [3, frames, size, size]. Without
-val.csv, val (model selection and D&R's held-out split) is carved from train, stratified,
-`val_fraction` of it (D&R: 744 of 6,698, about 0.111).
+Audio from WAV follows OGM-GE (`librosa.load(sr=22050)`, tile to 3 s, clip to [-1, 1],
+`librosa.stft(n_fft=512, hop_length=353)`, log(|S| + 1e-7)) -> [1, 257, 188], resampled with
+soxr at HQ quality, librosa's default resampler (tested against a band-limited reference: the
+log-spectrogram's correlation >= 0.99 and no energy imaged above the source's Nyquist
+frequency). Visual: `frames` evenly spaced frames in name order (1 in OGM-GE, 2 in D&R) as a
+[3, frames, size, size] uint8 clip, random resized crop (scale 0.08-1) + flip when training, a
+plain resize to size x size otherwise (OGM-GE's `Resize((224, 224))`), normalised (ImageNet) on
+the training device. Without val.csv, val (model selection and D&R's held-out split) is carved
+from train, stratified, `val_fraction` of it (D&R: 744 of 6,698, about 0.111).
+
+Against the OGM-GE code: the STFT centre-pads by reflection (librosa 0.8's default; current
+librosa pads with zeros, which changes the first and last frame only); clips shorter than 1 s
+are tiled to the full 3 s (`np.tile(x, 3)` leaves them shorter; CREMA-D has none); the
+visual frame is the first in name order (OGM-GE takes the first in `os.listdir` order, which
+depends on the file system); the random crop draws once and clamps (torchvision retries).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, read_lines, split_train_val
-from .io import FrameFolder, fit_spectrogram, load_array, wav_spectrogram
+from .encoded import decode_options
+from .io import IMAGENET_NORM, FrameFolder, fit_spectrogram, load_array, wav_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 FRAME_DIR = "Image-01-FPS"
@@ -58,6 +69,7 @@ def load_cremad(root: Path, seed: int, options: dict) -> Splits:
     frames = int(options.pop("frames", 1))
     size = int(options.pop("image_size", 224))
     val_fraction = float(options.pop("val_fraction", 744 / 6698))
+    decode = decode_options(options)
     if options:
         raise ValueError(f"unknown CREMA-D options: {sorted(options)}")
     train_rows = read_split_csv(root / "train.csv", EMOTIONS)
@@ -65,13 +77,14 @@ def load_cremad(root: Path, seed: int, options: dict) -> Splits:
     audio = CremadAudio(root)
     first_audio = audio(train_rows[0][0], False)
     audio.shape = tuple(first_audio.shape[1:])
-    readers = {"audio": audio, "visual": FrameFolder(root / FRAME_DIR, frames, size)}
+    readers = {"audio": audio, "visual": FrameFolder(root / FRAME_DIR, frames, size, **decode)}
     if (root / "val.csv").is_file():
-        train = FileDataset(train_rows, readers, train=True)
-        val = FileDataset(read_split_csv(root / "val.csv", EMOTIONS), readers, train=False)
+        train = FileDataset(train_rows, readers, train=True, name="cremad")
+        val = FileDataset(read_split_csv(root / "val.csv", EMOTIONS), readers, train=False,
+                          name="cremad")
     else:
-        train, val = split_train_val(train_rows, readers, val_fraction, seed)
+        train, val = split_train_val(train_rows, readers, val_fraction, seed, "cremad")
     info = DatasetInfo("cremad", {"audio": InputSpec("spectrogram", tuple(first_audio.shape)),
                                   "visual": InputSpec("frames", (3, frames, size, size))},
-                       len(EMOTIONS), EMOTIONS)
-    return Splits(info, train, val, FileDataset(test_rows, readers, train=False))
+                       len(EMOTIONS), EMOTIONS, uint8_norm={"visual": IMAGENET_NORM})
+    return Splits(info, train, val, FileDataset(test_rows, readers, train=False, name="cremad"))

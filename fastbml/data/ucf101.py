@@ -7,10 +7,13 @@
       rgb/<video>/img_00001.jpg ...              RGB frames (video = v_ApplyEyeMakeup_g08_c01)
       flow/<video>/flow_x_00001.jpg, flow_y_00001.jpg ...   grayscale flow components
 
-Modalities "rgb" -> [3, frames, size, size] (ImageNet-normalised) and "flow" ->
-[2, frames, size, size] (x and y in [-1, 1]); `frames` evenly spaced (default 3), the same
-indices for both, random resized crop + flip when training. `split` picks the official split
-(1-3); val is carved from its train list (`val_fraction`).
+Modalities "rgb" -> [3, frames, size, size] and "flow" -> [2, frames, size, size], both uint8
+from the loader and normalised on the training device (rgb: ImageNet; flow: x and y to [-1, 1]);
+`frames` evenly spaced (default 3), the same indices for both, random resized crop + flip when
+training (one crop for x and y), a plain resize otherwise. `split` picks the official split
+(1-3); val is carved from its train list (`val_fraction`). Decoding as for Kinetics
+(simplejpeg, DCT scaling; `dct_scaling`, `decoder` options). No authors' UCF-101 loader is
+reproduced here: the layout and transforms are the TSN convention, not checked against one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 
 from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, read_lines, split_train_val
-from .io import FrameFolder, decode_image, flow_clip, pick_frames
+from .encoded import decode_options
+from .io import DECODERS, FLOW_NORM, IMAGENET_NORM, FrameFolder, flow_clip_uint8, pick_frames
 
 
 def read_class_index(path: Path) -> list[str]:
@@ -49,10 +53,15 @@ def read_split_list(path: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 
 class FlowFrames:
-    """Reads `frames` evenly spaced (flow_x, flow_y) image pairs of flow/<video>/."""
+    """Reads `frames` evenly spaced (flow_x, flow_y) image pairs of flow/<video>/ as a
+    [2, T, size, size] uint8 clip."""
 
-    def __init__(self, folder: Path, frames: int, size: int):
+    def __init__(self, folder: Path, frames: int, size: int, *, dct_scaling: bool = True,
+                 decoder: str = "auto"):
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         self.folder, self.frames, self.size = folder, frames, size
+        self.dct_scaling, self.decoder = dct_scaling, decoder
 
     def __call__(self, video: str, train: bool) -> torch.Tensor:
         folder = self.folder / video
@@ -66,8 +75,9 @@ class FlowFrames:
             fy = folder / xs[i].name.replace("flow_x_", "flow_y_")
             if not fy.is_file():
                 raise DataError(f"missing flow y frame: {fy}")
-            pairs.append((decode_image(xs[i], str(xs[i]), "L"), decode_image(fy, str(fy), "L")))
-        return flow_clip(pairs, self.size, train=train)
+            pairs.append((xs[i], fy))
+        return flow_clip_uint8(pairs, self.size, train=train, dct_scaling=self.dct_scaling,
+                               decoder=self.decoder)
 
 
 def load_ucf101(root: Path, seed: int, options: dict) -> Splits:
@@ -76,6 +86,8 @@ def load_ucf101(root: Path, seed: int, options: dict) -> Splits:
     frames = int(options.pop("frames", 3))
     size = int(options.pop("image_size", 112))
     val_fraction = float(options.pop("val_fraction", 0.1))
+    decode = decode_options(options)
+    gpu = decode.pop("gpu_decode")  # rgb only: flow frames are decoded in the loader
     if options:
         raise ValueError(f"unknown UCF-101 options: {sorted(options)}")
     if split not in (1, 2, 3):
@@ -83,10 +95,11 @@ def load_ucf101(root: Path, seed: int, options: dict) -> Splits:
     classes = read_class_index(root / "classInd.txt")
     train_rows = read_split_list(root / f"trainlist0{split}.txt", classes)
     test_rows = read_split_list(root / f"testlist0{split}.txt", classes)
-    readers = {"rgb": FrameFolder(root / "rgb", frames, size),
-               "flow": FlowFrames(root / "flow", frames, size)}
-    train, val = split_train_val(train_rows, readers, val_fraction, seed)
+    readers = {"rgb": FrameFolder(root / "rgb", frames, size, gpu_decode=gpu, **decode),
+               "flow": FlowFrames(root / "flow", frames, size, **decode)}
+    train, val = split_train_val(train_rows, readers, val_fraction, seed, "ucf101")
     info = DatasetInfo("ucf101", {"rgb": InputSpec("frames", (3, frames, size, size)),
                                   "flow": InputSpec("flow", (2, frames, size, size))},
-                       len(classes), tuple(classes))
-    return Splits(info, train, val, FileDataset(test_rows, readers, train=False))
+                       len(classes), tuple(classes),
+                       uint8_norm={"rgb": IMAGENET_NORM, "flow": FLOW_NORM})
+    return Splits(info, train, val, FileDataset(test_rows, readers, train=False, name="ucf101"))

@@ -58,7 +58,8 @@ class TrainConfig:
     amp: str = "none"
     device: str = "auto"
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers (None: data.default_workers())
+    prefetch: int = 4            # batches each worker loads ahead (DataLoader prefetch_factor)
     threads: int | None = None   # torch intra-op threads on CPU (None: torch's default)
     backend: str = "auto"
     compile: bool = False        # torch.compile the training forward (OPM included) and OGM's step
@@ -76,13 +77,16 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "step_size", "dr_every", "hidden", "feature_dim")
+        positive = ("epochs", "batch_size", "step_size", "dr_every", "hidden", "feature_dim",
+                    "prefetch")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "warmup_epochs"):
             value = getattr(self, name)
+            if name == "workers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not self.lr > 0:

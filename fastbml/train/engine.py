@@ -38,7 +38,9 @@ from torch.utils.data import (
 )
 
 from .. import distributed, rng
-from ..data import Splits, TensorDataset, load_dataset
+from ..data import FileDataset, Splits, TensorDataset, load_dataset
+from ..data.batch import SeededSampler, default_workers, prepare_batch
+from ..data.encoded import collate
 from ..models import build_model
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
@@ -52,7 +54,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Settings that may differ between ranks (paths, local resources); everything else must agree.
-_RANK_LOCAL = ("out", "data_root", "device", "threads", "workers", "progress")
+_RANK_LOCAL = ("out", "data_root", "device", "threads", "workers", "prefetch", "progress")
 
 
 def _local_rank() -> int:
@@ -201,11 +203,6 @@ def _build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
-def _to_device(inputs: dict[str, torch.Tensor], modalities: list[str],
-               device: torch.device) -> dict[str, torch.Tensor]:
-    return {m: inputs[m].to(device, non_blocking=True) for m in modalities}
-
-
 class Trainer:
     """One run: `Trainer(cfg).fit()` trains, logs into cfg.out and returns the summary dict.
 
@@ -259,7 +256,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.loader_gen = torch.Generator()
         self.train_sampler: _ShardSampler | None = None
+        self.augment_seeds: SeededSampler | None = None
+        self.workers = default_workers() if cfg.workers is None else cfg.workers
         self.train_loader = self._loader(self.splits.train, shuffle=True)
+        self.eval_loaders: dict[int, tuple[Dataset, DataLoader]] = {}  # built once per split
         self.start_epoch, self.best, self.seconds = 0, None, 0.0
         history = None
         if resume:
@@ -283,7 +283,7 @@ class Trainer:
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
         """Batches of `dataset` (this rank's share under DDP: the epoch's shuffled shard when
         training, rows rank, rank + W, ... when evaluating); in-memory datasets are indexed a
-        whole batch at a time."""
+        whole batch at a time, file datasets through persistent workers (`self.workers`)."""
         cfg = self.cfg
         cuda = self.device.type == "cuda"
         drop_last = shuffle and cfg.drop_last
@@ -294,7 +294,7 @@ class Trainer:
         elif self.distributed:
             shard = range(self.rank, len(dataset), self.world)
             sampler = list(shard)
-            if not isinstance(dataset, TensorDataset):
+            if not isinstance(dataset, (TensorDataset, FileDataset)):
                 dataset, sampler = Subset(dataset, list(shard)), None
         if isinstance(dataset, TensorDataset):
             if sampler is None:
@@ -302,9 +302,34 @@ class Trainer:
                            else SequentialSampler(dataset))
             return DataLoader(dataset, sampler=BatchSampler(sampler, cfg.batch_size, drop_last),
                               batch_size=None, pin_memory=cuda)
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, drop_last=drop_last, num_workers=cfg.workers,
-                          pin_memory=cuda, generator=self.loader_gen if shuffle else None)
+        if sampler is None:
+            sampler = (RandomSampler(dataset, generator=self.loader_gen) if shuffle
+                       else SequentialSampler(dataset))
+        if isinstance(dataset, FileDataset):
+            # each read's augmentation is drawn from (seed, epoch, index): the worker count,
+            # persistent workers and a resume leave what is read unchanged
+            sampler = SeededSampler(sampler, rng.step_seed(cfg.seed, 1))
+            if shuffle:
+                self.augment_seeds = sampler
+        workers = self.workers
+        # the loader's generator only draws the workers' base seed (not torch's global RNG)
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                          drop_last=drop_last, num_workers=workers, pin_memory=cuda,
+                          collate_fn=collate if isinstance(dataset, FileDataset) else None,
+                          persistent_workers=workers > 0,
+                          prefetch_factor=cfg.prefetch if workers > 0 else None,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """The evaluation loader of `dataset`, built on first use and kept (with its workers)."""
+        if id(dataset) not in self.eval_loaders:
+            self.eval_loaders[id(dataset)] = (dataset, self._loader(dataset, shuffle=False))
+        return self.eval_loaders[id(dataset)][1]
+
+    def _inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch on the device; uint8 frames normalised there, in the AMP dtype."""
+        return prepare_batch(inputs, self.splits.info, self.device, self.amp_dtype,
+                             self.modalities)
 
     # ---------------------------------------------------------------- train / eval
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -314,8 +339,10 @@ class Trainer:
         self.loader_gen.manual_seed(rng.step_seed(cfg.seed, epoch))
         if self.train_sampler is not None:
             self.train_sampler.set_epoch(epoch)
-            # workers' base seed (augmentation): a different stream on every rank
+            # a different stream on every rank (file datasets' augmentation: SeededSampler)
             self.loader_gen.manual_seed(rng.step_seed(rng.step_seed(cfg.seed, epoch), self.rank))
+        if self.augment_seeds is not None:
+            self.augment_seeds.seed = rng.step_seed(rng.step_seed(cfg.seed, epoch), 1)
         loss_sum = torch.zeros((), device=self.device)
         n_seen = 0
         batches = self.train_loader
@@ -325,8 +352,7 @@ class Trainer:
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for inputs, labels in batches:
             labels = labels.to(self.device, non_blocking=True)
-            loss_sum += self.train_step(_to_device(inputs, self.modalities, self.device),
-                                        labels, epoch) * labels.shape[0]
+            loss_sum += self.train_step(self._inputs(inputs), labels, epoch) * labels.shape[0]
             n_seen += labels.shape[0]
         if self.scheduler is not None:
             self.scheduler.step()
@@ -380,10 +406,10 @@ class Trainer:
         logits, labels = [], []
         unimodal = {m: [] for m in self.modalities}
         features = {m: [] for m in self.modalities}
-        for inputs, y in self._loader(dataset, shuffle=False):
+        for inputs, y in self._eval_loader(dataset):
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out = self.model(_to_device(inputs, self.modalities, self.device))
+                out = self.model(self._inputs(inputs))
             logits.append(out.logits.float())
             labels.append(y.to(self.device))
             for m in self.modalities:
