@@ -17,7 +17,7 @@ import torch
 
 from .bench_train_step import make_trainer
 from .harness import Case, median, time_case
-from .report import RESULTS, device_name
+from .report import device_name, write_table
 
 METHODS = ("joint", "ogm-ge", "opm", "opm+ogm-ge")
 
@@ -73,9 +73,7 @@ def main(rounds: int = 15) -> None:
                      f"{100 * (comp / joint - 1):+.1f}% | "
                      f"{compile_seconds[f'{method} compiled']:.0f} |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}-compile.md").write_text(table)
+    write_table(f"{name}-compile.md", table)
 
 
 if __name__ == "__main__":

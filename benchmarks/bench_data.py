@@ -41,7 +41,7 @@ from fastbml.data.encoded import collate
 from fastbml.data.io import IMAGENET_MEAN, IMAGENET_NORM, IMAGENET_STD, crop_box, pick_frames
 
 from .harness import ORIGINAL, Case, median, time_case
-from .report import RESULTS, device_name
+from .report import device_name, write_table
 
 BATCH = 64
 FRAMES = 3
@@ -288,9 +288,7 @@ def main(rounds: int = 11) -> None:
         moved = BATCH * 3 * FRAMES * size * size * (1 + out_bytes)
         lines.append(f"| {shape} | {seconds * 1e3:.2f} | {moved / H100_BANDWIDTH * 1e3:.3f} |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}-data.md").write_text(table)
+    write_table(f"{name}-data.md", table)
 
 
 if __name__ == "__main__":

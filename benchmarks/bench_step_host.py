@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .harness import Case
-from .report import RESULTS, device_name
+from .report import RESULTS, device_name, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = Path(__file__).resolve().with_name("step_host_timing.py")
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                  else (" |" if baseline else ""))
         lines.append(f"| {name} | {backend} | {us:.1f} |{ratio}")
     table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{device}-step-host.md").write_text(table)
+    write_table(f"{device}-step-host.md", table)
     (RESULTS / f"{device}-step-host.json").write_text(json.dumps(
         {f"{name}|{backend}": us for (name, backend), us in best.items()}, indent=1))
 

@@ -27,7 +27,7 @@ from fastbml.models import InputSpec
 from fastbml.train import Trainer, make_config
 
 from .harness import ORIGINAL, Case, median, time_case
-from .report import RESULTS, device_name
+from .report import device_name, write_table
 
 BATCH = 64
 CLASSES = 6
@@ -119,9 +119,7 @@ def main(rounds: int = 15) -> None:
     lines += [f"| {impl} | {seconds * 1e3:.1f} | {100 * (seconds / times['joint'] - 1):+.1f}% |"
               for impl, seconds in times.items()]
     table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}-train-step-overhead.md").write_text(table)
+    write_table(f"{name}-train-step-overhead.md", table)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ from . import harness
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def write_table(filename: str, table: str) -> None:
+    """Prints a benchmark's markdown table and writes it to benchmarks/results/<filename>."""
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / filename).write_text(table)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
