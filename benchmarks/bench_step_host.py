@@ -59,13 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# Eager OGM.step host time on {device}", "",
              f"torch {torch.__version__}, 1 thread, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; 40 gradients "
-             "of 8x8, batch 8, 5 classes (benchmarks/step_host_timing.py); the best of {args.rounds} processes per "
-             "tree, each the fastest mean of 7 x 300 steps; the trees alternated.", "",
-             "| tree | backend | us per step |" + (" vs baseline |" if len(trees) > 1 else ""),
+             "of 8x8, batch 8, 5 classes (benchmarks/step_host_timing.py); the best of "
+             f"{args.rounds} processes per tree, each the fastest mean of 7 x 300 steps; the "
+             "trees alternated.", "",
+             "| tree | backend | us per step |" + (" baseline / this |" if len(trees) > 1 else ""),
              "|---|---|---:|" + ("---:|" if len(trees) > 1 else "")]
     baseline = next((name for name in trees if name.startswith("baseline")), None)
     for (name, backend), us in best.items():
-        ratio = (f" {best[baseline, backend] / us:.2f}x faster |" if baseline and name != baseline
+        ratio = (f" {best[baseline, backend] / us:.2f}x |" if baseline and name != baseline
                  else (" |" if baseline else ""))
         lines.append(f"| {name} | {backend} | {us:.1f} |{ratio}")
     table = "\n".join(lines) + "\n"

@@ -122,6 +122,9 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
 def philox_words(seed: Seed, stream: int, n_blocks: int, *, first_block: int = 0,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Philox words of blocks first_block .. first_block + n_blocks - 1 of (seed, stream): [n, 4]."""
+    if (isinstance(seed, torch.Tensor) and seed.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        seed = int(seed)  # eager CPU: the key schedule in host ints, not 20 tensor ops
     block = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
     return philox4x32(block & _MASK32, (block >> 32) & _MASK32,
                       torch.full_like(block, stream & _MASK32), torch.zeros_like(block),
