@@ -33,13 +33,15 @@ def check_seed(seed: object, name: str = "seed") -> int:
     return seed
 
 
+def _draw_seed() -> torch.Tensor:
+    """A seed drawn from torch's default CPU generator (honours torch.manual_seed), as a CPU
+    int64 tensor."""
+    return torch.randint(0, (1 << SEED_BITS) - 1, (), dtype=torch.int64)
+
+
 def fresh_seed() -> int:
     """A seed drawn from torch's default CPU generator (honours torch.manual_seed; no device sync)."""
-    return int(torch.randint(0, (1 << SEED_BITS) - 1, (), dtype=torch.int64))
-
-
-def resolve_seed(seed: int | None, name: str = "seed") -> int:
-    return fresh_seed() if seed is None else check_seed(seed, name)
+    return int(_draw_seed())
 
 
 def step_seed(base_seed: int, step: int) -> int:
@@ -97,7 +99,7 @@ def seed_tensor(seed: Seed | None, device: torch.device, name: str = "seed") -> 
             raise ValueError(f"{name} is on {seed.device} but the op's tensors on {device}")
         return seed if seed.dim() == 0 else seed.reshape(())
     if seed is None:
-        return torch.randint(0, (1 << SEED_BITS) - 1, (), dtype=torch.int64).to(device)
+        return _draw_seed().to(device)
     return torch.tensor(check_seed(seed, name), dtype=torch.int64, device=device)
 
 
