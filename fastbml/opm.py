@@ -81,7 +81,7 @@ class OPM(nn.Module):
     Under DDP (`process_group="auto"` with torch.distributed initialised, or an explicit group)
     the scores are summed over the ranks every training call, so every rank uses the q and theta
     of the global batch; all ranks share the coin (rank 0's seed is shared when none is given, and
-    the first call checks that the ranks agree on the configuration and seed), while each rank
+    construction checks that the ranks agree on the configuration and seed), while each rank
     draws its own per-sample masks (mask seed: rng.step_seed(step seed, rank)). The call count
     is a device buffer, so a model whose forward calls OPM compiles with
     `torch.compile(fullgraph=True)` into one graph for every step. Each rank's
