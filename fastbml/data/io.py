@@ -7,7 +7,6 @@ Pillow, spectrograms with torch.stft.
 from __future__ import annotations
 
 import io
-import pickle
 import wave
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from . import safe_pickle
 from .base import DataError, require_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -73,7 +73,7 @@ def load_array(path: Path, what: str) -> np.ndarray:
             array = np.load(path, allow_pickle=False)
         else:
             with open(path, "rb") as fh:
-                array = np.asarray(pickle.load(fh))
+                array = np.asarray(safe_pickle.load(fh))
     except Exception as exc:  # any unpickling / format error: report the file
         raise DataError(f"unreadable {what} {path}: {exc}") from exc
     if array.dtype.kind not in "fiu" or array.ndim < 2:

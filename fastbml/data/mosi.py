@@ -14,13 +14,13 @@ values (MOSEI's audio holds -inf) are set to 0. `file` overrides the pickle name
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models import InputSpec
+from . import safe_pickle
 from .base import DataError, DatasetInfo, Splits, TensorDataset, require_file
 
 MODALITIES = ("text", "audio", "vision")
@@ -45,7 +45,7 @@ def mosi_loader(name: str, default_file: str):
             raise ValueError(f"{name} labels must be 'binary' or '7class', got {mode!r}")
         try:
             with open(require_file(path, f"{name} feature pickle"), "rb") as fh:
-                data = pickle.load(fh)
+                data = safe_pickle.load(fh)
             parts = {}
             for split in SPLITS:
                 inputs = {m: torch.nan_to_num(torch.as_tensor(np.asarray(data[split][m],

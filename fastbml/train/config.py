@@ -13,6 +13,7 @@ SCHEDULERS = ("none", "step")
 AMP_MODES = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
+ON_NONFINITE = ("stop", "skip")  # what a non-finite training loss does
 # The float settings: each must be a finite number in [low, high] (None: unbounded).
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
@@ -62,6 +63,7 @@ class TrainConfig:
     dr_clusters: int | None = None  # None: the number of classes
     # runtime
     amp: str = "none"
+    on_nonfinite: str = "stop"   # a non-finite training loss: stop the run, or skip the step
     device: str = "auto"
     seed: int = 0
     workers: int = 0
@@ -78,7 +80,8 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "amp": AMP_MODES,
-                   "dist_backend": DIST_BACKENDS, "compile_mode": COMPILE_MODES}
+                   "dist_backend": DIST_BACKENDS, "compile_mode": COMPILE_MODES,
+                   "on_nonfinite": ON_NONFINITE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
