@@ -27,8 +27,12 @@ MODALITIES = ("text", "audio", "vision")
 SPLITS = ("train", "valid", "test")
 
 
-def _labels(values: np.ndarray, mode: str) -> torch.Tensor:
+def _labels(values: np.ndarray, mode: str, where: str) -> torch.Tensor:
     s = torch.as_tensor(np.asarray(values, dtype=np.float32)).reshape(-1)
+    bad = (~torch.isfinite(s)).nonzero()
+    if bad.numel():
+        raise DataError(f"{where}: {bad.numel()} non-finite sentiment labels (first at row "
+                        f"{int(bad[0])})")
     if mode == "binary":
         return (s >= 0).long()
     return (torch.round(s.clamp(-3, 3)) + 3).long()
@@ -52,7 +56,7 @@ def mosi_loader(name: str, default_file: str):
                                                                          dtype=np.float32)),
                                               nan=0.0, posinf=0.0, neginf=0.0)
                           for m in MODALITIES}
-                parts[split] = TensorDataset(inputs, _labels(data[split]["labels"], mode))
+                parts[split] = TensorDataset(inputs, _labels(data[split]["labels"], mode, f"{path} {split}"))
         except DataError:
             raise
         except Exception as exc:  # unpickling, missing keys, ragged arrays: name the file
