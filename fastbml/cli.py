@@ -44,7 +44,10 @@ _HELP = {
     "compile_mode": "torch.compile mode with Inductor: default, reduce-overhead (CUDA graphs), "
                     "max-autotune",
     "compile_backend": "torch.compile backend (inductor; aot_eager compiles without codegen)",
-    "out": "run directory (logs, checkpoints, plots)",
+    "out": "run directory (logs, checkpoints, plots); one run at a time holds it (a lock)",
+    "on_nonfinite": "a non-finite training loss: stop (default; an error, the last good "
+                    "checkpoint kept) or skip (the step is skipped and counted, as GradScaler "
+                    "does)",
 }
 _NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "dr_clusters": int,
                        "threads": int, "workers": int}
@@ -64,7 +67,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="settings of a reference repository (SPEC §4); flags override them")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoint")
+                        help="continue the run in --out from its last checkpoint; the settings "
+                             "must be those of the run, except --epochs, paths, --workers, "
+                             "--threads, --device, --dist-backend, the logging switches and "
+                             "the --compile switches")
     parser.add_argument("--dataset-option", dest="dataset_options", type=_key_value,
                         action="append", metavar="KEY=VALUE",
                         help="dataset option (repeatable), e.g. frames=3")
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch.distributed as dist
 
-    from .train.engine import Trainer, setup_distributed
+    from .train.engine import NonFiniteLossError, Trainer, setup_distributed
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "preset", "resume")}
     values["dataset_options"] = dict(values["dataset_options"] or [])
@@ -116,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         created = setup_distributed(cfg.device, cfg.dist_backend)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         summary = Trainer(cfg, resume=args.resume).fit()
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as exc:
         where = f" (rank {rank})" if created else ""
         print(f"fastbml train{where}: error: {exc}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, NonFiniteLossError) else 2
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()

@@ -120,6 +120,12 @@ class DiagnoseRelearn:
         self.kmeans_backend, self.backend, self.seed = kmeans_backend, backend, int(seed)
         self.modalities = list(groups)
         self.params = [self._parameters(name, spec) for name, spec in groups.items()]
+        owner: dict[int, str] = {}
+        for name, group in zip(self.modalities, self.params):
+            for p in group:
+                if owner.setdefault(id(p), name) != name:
+                    raise ValueError(f"groups[{owner[id(p)]!r}] and groups[{name!r}] share a "
+                                     "parameter: each encoder belongs to one modality")
         with torch.no_grad():
             self.init_params = [[p.detach().clone() for p in group] for group in self.params]
         self.group = distributed.resolve_group(process_group)
@@ -152,6 +158,10 @@ class DiagnoseRelearn:
         purity_train_<m>, purity_val_<m>, purity_gap_<m>, relearn_<m>."""
         train_x, train_y = self._features(train, "train")
         val_x, val_y = self._features(held_out, "held_out")
+        for name, y in (("train", train_y), ("held_out", val_y)):
+            if self.group is None and (not isinstance(y, torch.Tensor) or y.numel() == 0):
+                raise ValueError(f"{name} gave no labels: D&R needs a non-empty split to "
+                                 "diagnose")
         k = self.n_clusters
         if k is None:  # D&R clusters into as many groups as there are classes
             top = torch.stack([train_y.max(), val_y.max()]).max().to(torch.int64)

@@ -15,6 +15,7 @@ no rank holds more than its shard and the sample.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -162,11 +163,29 @@ def sample_size_for(n_clusters: int) -> int:
     return max(SAMPLE_MIN, SAMPLE_PER_CLUSTER * n_clusters)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On the CPU, torch's intra-op threads pinned to 1 for the block: the covariance product
+    over the sample's rows and the eigensolver split their sums by the thread count, and a last
+    bit's difference can change the projection, the winning restart and the purity."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _principal_projection(sample: torch.Tensor, dims: int) -> torch.Tensor:
-    """The centred sample in the basis of its top `dims` principal directions."""
-    centred = sample - sample.mean(dim=0)
-    basis = torch.linalg.eigh(centred.T @ centred)[1][:, -dims:]
-    return (centred @ basis).contiguous()
+    """The centred sample in the basis of its top `dims` principal directions (the same bits
+    whatever the CPU thread count: a small [D, D] problem, computed on one thread)."""
+    with _one_cpu_thread(sample.device):
+        centred = sample - sample.mean(dim=0)
+        basis = torch.linalg.eigh(centred.T @ centred)[1][:, -dims:]
+        return (centred @ basis).contiguous()
 
 
 def initial_centroids(x: torch.Tensor, n_clusters: int, *, n_init: int, max_iter: int,

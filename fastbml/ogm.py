@@ -7,6 +7,7 @@ tensor's own gradient std. All of it stays on the device: no host sync per step.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NoReturn
 
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 
 from . import distributed, rng
+from ._checks import finite_number
 from .ops._library import PLAIN_TENSORS, check_plain
-from .ops._multi_tensor import FLOAT_DTYPES
+from .ops._multi_tensor import FLOAT_DTYPES, check_disjoint
 from .ops.scale_noise import multi_tensor_scale_noise_
 from .ops.scores import modality_scores
 
@@ -38,8 +40,7 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") ->
                          f"{tuple(scores.shape)}")
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    alpha = finite_number(alpha, "alpha", low=0.0)
     if form not in COEFF_FORMS:
         raise ValueError(f"form must be one of {COEFF_FORMS}, got {form!r}")
     s = scores.detach().to(torch.float32)
@@ -120,6 +121,18 @@ def _grads_of(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], index:
     return grads, scale_index
 
 
+def _check_grads_disjoint(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
+                          grads: list[torch.Tensor]) -> None:
+    """ValueError naming the two parameters whose gradients share memory."""
+    def name(i: int) -> str:
+        with_grad = (p for p in flat if p.grad is not None)
+        p = next(itertools.islice(with_grad, i, None))
+        m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group)
+                    if q is p)
+        return f"params[{m}][{j}].grad"
+    check_disjoint(grads, name)
+
+
 def _check_coeffs(coeffs: object, n_groups: int) -> None:
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
@@ -150,7 +163,9 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
     groups = _grouped(params, modality_index)
     _check_coeffs(coeffs, len(groups))
     _check_params(groups)
-    grads, scale_index = _grads_of(groups, *_flatten(groups), coeffs.device)
+    flat, index = _flatten(groups)
+    grads, scale_index = _grads_of(groups, flat, index, coeffs.device)
+    _check_grads_disjoint(groups, flat, grads)
     multi_tensor_scale_noise_(grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
                               stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
 
@@ -273,6 +288,7 @@ class OGM:
             coeffs = ogm_coefficients(scores, self.alpha, self.form)
             grads, scale_index = _grads_of(self.params, self._flat, self._scale_index,
                                            coeffs.device)
+            _check_grads_disjoint(self.params, self._flat, grads)
             multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=self.noise,
                                       seed=rng.step_seed_tensor(self.seed, self._step),
                                       stream=rng.STREAM_NOISE, eps=NOISE_EPS,

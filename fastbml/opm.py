@@ -15,14 +15,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed, rng
+from ._checks import finite_number
 from .ops.feature_drop import check_probability, drop_with_valid_q
 from .ops.scores import modality_scores
 
 
 def _check_number(value: object, name: str, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-        raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-    return float(value)
+    return finite_number(value, name, low=low)
 
 
 def opm_drop_probs(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:

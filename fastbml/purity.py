@@ -126,8 +126,9 @@ def _check_inputs(features: object, labels: object, n_clusters: object,
     if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("features and labels must be tensors, got "
                         f"{type(features).__name__} and {type(labels).__name__}")
-    if features.dim() != 2:
-        raise ValueError(f"features must be [N, D], got shape {tuple(features.shape)}")
+    if features.dim() != 2 or features.shape[1] == 0:
+        raise ValueError(f"features must be [N, D] with D >= 1, got shape "
+                         f"{tuple(features.shape)}")
     if not (features.dtype.is_floating_point):
         raise TypeError(f"features must be floating point, got {features.dtype}")
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:

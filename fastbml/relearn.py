@@ -19,15 +19,12 @@ from typing import NoReturn
 
 import torch
 
+from ._checks import finite_number
 from .ops._library import PLAIN_TENSORS, check_plain, check_unit_range
-from .ops._multi_tensor import FLOAT_DTYPES
+from .ops._multi_tensor import FLOAT_DTYPES, check_disjoint
 from .ops.lerp import multi_tensor_lerp_
 
 Number = int | float
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def relearn_strength(purity_train: Number | torch.Tensor, purity_val: Number | torch.Tensor,
@@ -37,16 +34,13 @@ def relearn_strength(purity_train: Number | torch.Tensor, purity_val: Number | t
     Python numbers give a float (purities checked to lie in [0, 1]); if either purity is a
     tensor the result is a tensor on its device, computed without a host sync (unchecked).
     """
-    if not _is_number(lam) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    lam = finite_number(lam, "lam", low=0.0)
     for name, value in (("purity_train", purity_train), ("purity_val", purity_val)):
         if isinstance(value, torch.Tensor):
             if not value.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        elif not _is_number(value):
-            raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-        elif not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        else:
+            finite_number(value, name, low=0.0, high=1.0)
     gap = purity_train - purity_val
     if isinstance(gap, torch.Tensor):
         return torch.tanh(lam * gap.abs())
@@ -100,12 +94,7 @@ def _check_strength(strength, n_groups: int, grouped: bool) -> torch.Tensor | li
         values, names = list(strength), [f"strength[{m}]" for m in range(n_groups)]
     else:
         values, names = [strength], ["strength"]
-    for name, value in zip(names, values):
-        if not _is_number(value):
-            raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return [float(v) for v in values]
+    return [finite_number(value, name, low=0.0, high=1.0) for name, value in zip(names, values)]
 
 
 def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
@@ -135,8 +124,8 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     tensor) or one such sequence per modality (`strength` then a sequence or 1-D tensor with one
     value per group); `init_params` has the same structure, each tensor of its parameter's
     shape, dtype and device (e.g. clones taken right after construction). a lies in [0, 1]:
-    0 leaves the parameters unchanged (bit-identical on the cpp and triton backends, which skip
-    them; the torch path may turn -0.0 into +0.0), 1 restores the initial values. Computed in
+    0 leaves the parameters bit for bit unchanged on every backend (even where the snapshot
+    holds NaN), 1 restores the initial values. Computed in
     float32 whatever the storage dtype; gradients are not tracked; empty lists are a no-op.
     Strength tensors are range checked on the device, without a host sync.
     """
@@ -146,7 +135,7 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     weights = _check_strength(strength, len(groups), grouped)
     first = next((p for group in groups for p in group), None)
     device = first.device if isinstance(first, torch.Tensor) else None
-    tensors, targets, weight_index, seen = [], [], [], set()
+    tensors, targets, weight_index, seen, where = [], [], [], set(), []
     for m, (group, init) in enumerate(zip(groups, inits)):
         for j, (p, p0) in enumerate(zip(group, init)):
             # One cheap test per pair (this runs for every parameter of every encoder); the
@@ -157,11 +146,14 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
                     and id(p) not in seen):
                 _reject_pair(f"[{m}][{j}]" if grouped else f"[{j}]", p, p0, device)
             seen.add(id(p))
+            where.append(f"[{m}][{j}]" if grouped else f"[{j}]")
             tensors.append(p)
             targets.append(p0)
             weight_index.append(m)
     if not tensors:
         return
+    check_disjoint(tensors, lambda i: f"params{where[i]}", targets,
+                   lambda i: f"init_params{where[i]}")
     if isinstance(weights, torch.Tensor):
         if weights.device != device:
             raise ValueError(f"strength is on {weights.device} but params on {device}")

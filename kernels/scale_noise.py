@@ -2,7 +2,7 @@
 
 Tensors are addressed through device tables (pointer, length, stream offset, scale index) and a
 table of fixed-size chunks, so the launch count does not grow with the number of tensors:
-  1. moments: each chunk's count, mean and M2;
+  1. moments: each chunk's count, mean and M2 (in float64: no overflow for any float32 input);
   2. sigma:   each tensor's unbiased std + eps from its chunks (parallel Chan combine);
   3. rewrite: each chunk scaled, plus sigma times the Philox normals of its flattened indices.
 """
@@ -27,10 +27,12 @@ def _moments_kernel(ptr_table, numel_table, chunk_tensor, chunk_start, moments,
     pid = tl.program_id(0)
     t, start, ptr = chunk_ptr(ptr_table, chunk_tensor, chunk_start, pid, DTYPE, ALIGNED)
     count = tl.minimum(tl.load(numel_table + t) - start, BLOCK)
-    x = load_chunk(ptr, count, BLOCK)
-    mean = tl.sum(x) / count.to(tl.float32)
+    # float64: squares of float32 values (up to 3.4e38) neither overflow nor lose precision,
+    # as in the cpp kernel
+    x = load_chunk(ptr, count, BLOCK).to(tl.float64)
+    mean = tl.sum(x) / count.to(tl.float64)
     m2 = tl.sum(tl.where(tl.arange(0, BLOCK) < count, (x - mean) * (x - mean), 0.0))
-    tl.store(moments + 3 * pid, count.to(tl.float32))
+    tl.store(moments + 3 * pid, count.to(tl.float64))
     tl.store(moments + 3 * pid + 1, mean)
     tl.store(moments + 3 * pid + 2, m2)
 
@@ -40,8 +42,8 @@ def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexp
     t = tl.program_id(0)
     lo = tl.load(first_chunk + t)
     hi = tl.load(first_chunk + t + 1)
-    total = tl.zeros((), tl.float32)
-    weighted = tl.zeros((), tl.float32)
+    total = tl.zeros((), tl.float64)
+    weighted = tl.zeros((), tl.float64)
     for i in range(n_iters):
         c = lo + i * CHUNKS + tl.arange(0, CHUNKS)
         m = c < hi
@@ -49,7 +51,7 @@ def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexp
         total += tl.sum(n)
         weighted += tl.sum(n * tl.load(moments + 3 * c + 1, mask=m, other=0.0))
     mean = weighted / tl.maximum(total, 1.0)
-    m2 = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float64)
     for i in range(n_iters):
         c = lo + i * CHUNKS + tl.arange(0, CHUNKS)
         m = c < hi
@@ -57,7 +59,7 @@ def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexp
         d = tl.load(moments + 3 * c + 1, mask=m, other=0.0) - mean
         m2 += tl.sum(tl.load(moments + 3 * c + 2, mask=m, other=0.0) + n * d * d)
     var = tl.where(total > 1.0, m2 / tl.maximum(total - 1.0, 1.0), 0.0)
-    tl.store(sigma + t, tl.sqrt(var) + eps)
+    tl.store(sigma + t, (tl.sqrt(var) + eps).to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["stream"])
@@ -101,7 +103,7 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
         warps = 8 if block >= 4096 else 4
         aligned = all(tensors[i].data_ptr() % 16 == 0 for i in members)
         if noise:
-            moments = torch.empty(n_chunks, 3, dtype=torch.float32, device=device)
+            moments = torch.empty(n_chunks, 3, dtype=torch.float64, device=device)
             _moments_kernel[(n_chunks,)](ptrs, numels, chunks[0], chunks[1], moments,
                                          DTYPE=TL_DTYPES[dtype], BLOCK=block, ALIGNED=aligned,
                                          num_warps=warps)

@@ -26,7 +26,7 @@ TABLES = {"ptr_table": "*i64", "numel_table": "*i64", "chunk_tensor": "*i64",
 def specs():
     for name, dtype in DTYPES.items():
         yield f"moments[{name}]", scale_noise._moments_kernel, {
-            **TABLES, "moments": "*fp32", "DTYPE": "constexpr", "BLOCK": "constexpr",
+            **TABLES, "moments": "*fp64", "DTYPE": "constexpr", "BLOCK": "constexpr",
             "ALIGNED": "constexpr"}, {"DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
         yield f"rewrite[{name}]", scale_noise._rewrite_kernel, {
             **TABLES, "offset_table": "*i64", "scale_index": "*i64", "scales": "*fp32",
@@ -49,7 +49,7 @@ def specs():
             "COLS": "constexpr", "ALIGNED": "constexpr"}, {
             "DTYPE": dtype, "MP": 4, "ROWS": 8, "COLS": 512, "ALIGNED": True}
     yield "sigma", scale_noise._sigma_kernel, {
-        "moments": "*fp32", "first_chunk": "*i64", "sigma": "*fp32", "eps": "fp32",
+        "moments": "*fp64", "first_chunk": "*i64", "sigma": "*fp32", "eps": "fp32",
         "n_iters": "i32", "CHUNKS": "constexpr"}, {"CHUNKS": 1024}
     yield "weights", feature_drop._weights_kernel, {
         "q": "*fp32", "weights": "*fp32", "n_mod": "i32", "batch": "i32", "threshold": "fp32",

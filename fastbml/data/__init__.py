@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,12 +19,24 @@ from .ucf101 import load_ucf101
 _LOADERS: dict[str, Callable[..., Splits]] = {}
 
 
+def _synthetic_config(options: dict) -> SyntheticConfig:
+    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown synthetic dataset options {unknown}; known: {sorted(known)}")
+    return SyntheticConfig(**options)
+
+
 def _synthetic(root: Path | None, seed: int, options: dict) -> Splits:
-    return make_synthetic(seed, SyntheticConfig(**options))
+    return make_synthetic(seed, _synthetic_config(options))
 
 
 def _synthetic_av(root: Path | None, seed: int, options: dict) -> Splits:
-    return make_synthetic(seed, SyntheticConfig(**{"layout": "av", **options}))
+    return make_synthetic(seed, _synthetic_config({"layout": "av", **options}))
+
+
+# Options of the real datasets that count something: positive ints.
+_POSITIVE_OPTIONS = ("frames", "image_size")
 
 
 _LOADERS.update({
@@ -59,7 +72,13 @@ def load_dataset(name: str, root: str | Path | None = None, *, seed: int = 0,
         raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
     if root_path is not None and not name.startswith("synthetic") and not root_path.is_dir():
         raise DataError(f"data root of {name!r} is not a directory: {root_path}")
-    return _LOADERS[name](root_path, seed, dict(options or {}))
+    options = dict(options or {})
+    for key in _POSITIVE_OPTIONS:
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"dataset option {key} must be a positive int, got {value!r}")
+    return _LOADERS[name](root_path, seed, options)
 
 
 __all__ = [

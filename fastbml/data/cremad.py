@@ -47,6 +47,8 @@ def read_split_csv(path: Path, classes: tuple[str, ...]) -> list[tuple[str, int]
             raise DataError(f"{path} line {n}: expected 'clip_id,EMOTION' with EMOTION in "
                             f"{classes}, got {line!r}")
         rows.append((parts[0], classes.index(parts[1])))
+    if not rows:
+        raise DataError(f"{path} lists no clips")
     return rows
 
 

@@ -9,7 +9,6 @@ training device (`batch.normalize_uint8`).
 from __future__ import annotations
 
 import io
-import pickle
 import wave
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from . import safe_pickle
 from .base import DataError, require_file
 from .encoded import EncodedClip, encoded_clip
 
@@ -101,7 +101,7 @@ def load_array(path: Path, what: str) -> np.ndarray:
             array = np.load(path, allow_pickle=False)
         else:
             with open(path, "rb") as fh:
-                array = np.asarray(pickle.load(fh))
+                array = np.asarray(safe_pickle.load(fh))
     except Exception as exc:  # any unpickling / format error: report the file
         raise DataError(f"unreadable {what} {path}: {exc}") from exc
     if array.dtype.kind not in "fiu" or array.ndim < 2:

@@ -138,7 +138,10 @@ class PickledSpectrogram:
         if not path.is_file() and (self.folder / f"{video_id}.npy").is_file():
             path = self.folder / f"{video_id}.npy"
         array = load_array(path, "spectrogram")
-        return fit_spectrogram(array, self.shape or tuple(array.shape[-2:]))
+        try:
+            return fit_spectrogram(array, self.shape or tuple(array.shape[-2:]))
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
 
 
 def kinetics_loader(name: str, frame_source: str):

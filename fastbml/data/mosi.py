@@ -14,21 +14,25 @@ values (MOSEI's audio holds -inf) are set to 0. `file` overrides the pickle name
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models import InputSpec
+from . import safe_pickle
 from .base import DataError, DatasetInfo, Splits, TensorDataset, require_file
 
 MODALITIES = ("text", "audio", "vision")
 SPLITS = ("train", "valid", "test")
 
 
-def _labels(values: np.ndarray, mode: str) -> torch.Tensor:
+def _labels(values: np.ndarray, mode: str, where: str) -> torch.Tensor:
     s = torch.as_tensor(np.asarray(values, dtype=np.float32)).reshape(-1)
+    bad = (~torch.isfinite(s)).nonzero()
+    if bad.numel():
+        raise DataError(f"{where}: {bad.numel()} non-finite sentiment labels (first at row "
+                        f"{int(bad[0])})")
     if mode == "binary":
         return (s >= 0).long()
     return (torch.round(s.clamp(-3, 3)) + 3).long()
@@ -45,14 +49,14 @@ def mosi_loader(name: str, default_file: str):
             raise ValueError(f"{name} labels must be 'binary' or '7class', got {mode!r}")
         try:
             with open(require_file(path, f"{name} feature pickle"), "rb") as fh:
-                data = pickle.load(fh)
+                data = safe_pickle.load(fh)
             parts = {}
             for split in SPLITS:
                 inputs = {m: torch.nan_to_num(torch.as_tensor(np.asarray(data[split][m],
                                                                          dtype=np.float32)),
                                               nan=0.0, posinf=0.0, neginf=0.0)
                           for m in MODALITIES}
-                parts[split] = TensorDataset(inputs, _labels(data[split]["labels"], mode))
+                parts[split] = TensorDataset(inputs, _labels(data[split]["labels"], mode, f"{path} {split}"))
         except DataError:
             raise
         except Exception as exc:  # unpickling, missing keys, ragged arrays: name the file

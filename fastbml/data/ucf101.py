@@ -35,6 +35,8 @@ def read_class_index(path: Path) -> list[str]:
         if len(parts) != 2 or not parts[0].isdigit():
             raise DataError(f"{path} line {n}: expected '<index> <ClassName>', got {line!r}")
         names[int(parts[0])] = parts[1]
+    if not names:
+        raise DataError(f"{path} lists no classes")
     if sorted(names) != list(range(1, len(names) + 1)):
         raise DataError(f"{path}: class indices must run 1..{len(names)}")
     return [names[i] for i in range(1, len(names) + 1)]

@@ -35,6 +35,7 @@ from torch._C import _functions
 from torch.autograd.function import once_differentiable
 
 from .. import rng
+from .._checks import finite_number
 from ..backend import require_cpp, resolve_backend
 from . import _library
 from ._multi_tensor import CPP_DTYPE_CODES, FLOAT_DTYPES
@@ -172,21 +173,13 @@ def _check_q(q, n_mod: int, device: torch.device) -> torch.Tensor:
         raise TypeError(f"q must be a tensor or a sequence of floats, got {type(q).__name__}")
     if len(q) != n_mod:
         raise ValueError(f"q must have {n_mod} entries (one per modality), got {len(q)}")
-    for m, value in enumerate(q):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"q[{m}] must be a number, got {type(value).__name__}")
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"q[{m}] must lie in [0, 1], got {value}")
+    q = [finite_number(value, f"q[{m}]", low=0.0, high=1.0) for m, value in enumerate(q)]
     return torch.tensor(q, dtype=torch.float32, device=device)
 
 
 def check_probability(value: object, name: str) -> float:
-    """A Python number in [0, 1], else a TypeError/ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return float(value)
+    """A finite number (Python or numpy scalar) in [0, 1], else a TypeError/ValueError naming it."""
+    return finite_number(value, name, low=0.0, high=1.0)
 
 
 def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float], *,

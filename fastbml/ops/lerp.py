@@ -2,9 +2,9 @@
 
 Computed in float32 whatever the storage dtype, with torch.lerp's two-sided formula
 (w < 0.5 ? x + w (y - x) : y - (y - x) (1 - w)), so weight 1 gives the target's values exactly
-and weight 0 leaves finite values unchanged (the torch path may turn -0.0 into +0.0). The cpp
-and triton backends skip tensors whose weight is exactly 0 altogether: no memory traffic, and
-the bits stay as they were (-0.0, and x where the target holds NaN, included).
+and weight 0 leaves the values bit for bit unchanged on every backend (-0.0, and x where the
+target holds NaN, included); the cpp and triton backends skip such tensors altogether (no
+memory traffic).
 Registered as `torch.ops.fastbml.lerp_`.
 """
 
@@ -21,14 +21,14 @@ from ._multi_tensor import CPP_DTYPE_CODES, ContiguousWork
 
 def _torch_impl(tensors, targets, weight_index, weights):
     per_group = weights.unbind(0)
-    # float32 storage is rewritten in place (.float() returns the tensor itself); bf16/fp16
-    # through a float32 copy, because a tensor weight would be rounded to their dtype.
+    # In float32 (a tensor weight would be rounded to bf16/fp16); a tensor whose weight is 0
+    # keeps its values bit for bit, as the fast backends (which skip it) do: NaN in the
+    # target, and -0.0, included.
+    w = [per_group[g] for g in weight_index]
     work = [t.float() for t in tensors]
-    torch._foreach_lerp_(work, [t.float() for t in targets], [per_group[g] for g in weight_index])
-    narrow = [(t, w) for t, w in zip(tensors, work) if w is not t]
-    if narrow:
-        originals, results = zip(*narrow)
-        torch._foreach_copy_(list(originals), list(results))
+    results = torch._foreach_lerp(work, [t.float() for t in targets], w)
+    results = [torch.where(wi == 0, x, r) for x, r, wi in zip(work, results, w)]
+    torch._foreach_copy_(tensors, results)
 
 
 def _cpp_kernel(tensors, targets, weight_index, weights):

@@ -6,11 +6,18 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .._checks import finite_number
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step")
 AMP_MODES = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
+ON_NONFINITE = ("stop", "skip")  # what a non-finite training loss does
+# The float settings: each must be a finite number in [low, high] (None: unbounded).
+_FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
+                 ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
+                 ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None))
 
 
 @dataclass
@@ -56,6 +63,7 @@ class TrainConfig:
     dr_clusters: int | None = None  # None: the number of classes
     # runtime
     amp: str = "none"
+    on_nonfinite: str = "stop"   # a non-finite training loss: stop the run, or skip the step
     device: str = "auto"
     seed: int = 0
     workers: int | None = None  # DataLoader workers (None: data.default_workers())
@@ -73,7 +81,8 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "amp": AMP_MODES,
-                   "dist_backend": DIST_BACKENDS, "compile_mode": COMPILE_MODES}
+                   "dist_backend": DIST_BACKENDS, "compile_mode": COMPILE_MODES,
+                   "on_nonfinite": ON_NONFINITE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -89,8 +98,22 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name, low, high in _FLOAT_RANGES:
+            setattr(self, name, finite_number(getattr(self, name), name, low=low, high=high))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
+        for name in ("threads", "dr_clusters"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        for name in ("ogm_end", "opm_end"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
 
 
 # Settings of each reference repository (SPEC §4); explicit flags override them.

@@ -17,9 +17,11 @@ number of ranks. With one process none of this runs (no wrapper, no collective).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,13 +44,21 @@ from ..data import FileDataset, Splits, TensorDataset, load_dataset
 from ..data.batch import SeededSampler, default_workers, prepare_batch
 from ..data.encoded import collate
 from ..models import build_model
+from . import checkpoint as ckpt
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
 from .methods import MethodStack, compiled
 from .metrics import classification_metrics
 
 CHECKPOINT = "checkpoint_last.pt"
+PREVIOUS = "checkpoint_prev.pt"   # the checkpoint_last.pt before the latest one
 BEST = "checkpoint_best.pt"
+BEST_PREVIOUS = "checkpoint_best_prev.pt"  # the best before the latest (what PREVIOUS refers to)
+LOCK = ".fastbml.lock"            # held (flock) by the run that owns the directory
+# Settings a --resume may change (documented in the README): the rest must match the checkpoint.
+RESUME_MAY_CHANGE = ("epochs", "out", "data_root", "workers", "threads", "device",
+                     "dist_backend", "progress", "tensorboard", "plots", "compile",
+                     "compile_mode", "compile_backend")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -179,6 +189,51 @@ class _TrainForward(nn.Module):
         return model.head(fused_in), unimodal, weights
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (`--on-nonfinite stop`)."""
+
+
+def _on_rank0(fn, distributed_run: bool, device: torch.device):
+    """fn() on rank 0, its result (or its ValueError / FileNotFoundError) on every rank."""
+    result: object = None
+    if not distributed_run or dist.get_rank() == 0:
+        try:
+            result = ("ok", fn())
+        except (ValueError, FileNotFoundError) as exc:
+            result = (type(exc), str(exc))
+    if distributed_run:
+        box = [result]
+        dist.broadcast_object_list(box, src=0, device=device)
+        result = box[0]
+    kind, value = result
+    if kind != "ok":
+        raise (kind if kind is FileNotFoundError else ValueError)(value)
+    return value
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    """The settings (outside RESUME_MAY_CHANGE) in which `current` differs from `saved`;
+    method names compare as sets of parts ("ogm-ge+opm" is "opm+ogm-ge")."""
+    defaults = config_dict(TrainConfig())
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        old, new = saved.get(key, defaults.get(key)), current.get(key, defaults.get(key))
+        if key == "method":
+            from .methods import parse_method
+
+            try:
+                same = parse_method(old) == parse_method(new)
+            except ValueError:
+                same = old == new
+        else:
+            same = old == new
+        if not same:
+            out.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+    return out
+
+
 def _versions() -> dict[str, str]:
     """Library versions that change results: scikit-learn's KMeans defaults changed in 1.4
     (SPEC P23), so a D&R run records them."""
@@ -252,8 +307,8 @@ class Trainer:
         self.amp_dtype = _AMP_DTYPES.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.run_dir = Path(cfg.out)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = None
+        _on_rank0(self._take_directory, self.distributed, self.device)
         self.loader_gen = torch.Generator()
         self.train_sampler: _ShardSampler | None = None
         self.augment_seeds: SeededSampler | None = None
@@ -261,11 +316,17 @@ class Trainer:
         self.train_loader = self._loader(self.splits.train, shuffle=True)
         self.eval_loaders: dict[int, tuple[Dataset, DataLoader]] = {}  # built once per split
         self.start_epoch, self.best, self.seconds = 0, None, 0.0
+        self._loss_check = torch.zeros((), device=self.device)
+        self.skipped_steps = 0
         history = None
-        if resume:
-            history = self._load_checkpoint()
-        elif self.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+        try:
+            if resume:
+                history = self._load_checkpoint()
+            if self.is_main:  # on resume: the settings that may have changed (--epochs, ...)
+                (self.run_dir / "config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+        except BaseException:
+            self._release_directory()
+            raise
         # The training forward; wrapped in DDP (which broadcasts rank 0's state) only when
         # there is more than one rank, so a single process runs exactly the plain module.
         forward = _TrainForward(self.model, self.methods)
@@ -278,6 +339,37 @@ class Trainer:
         self._forward = compiled(cfg, self._forward, fullgraph=self.ddp is None)
         self.logger = RunLogger(self.run_dir, history, tensorboard=cfg.tensorboard,
                                 write=self.is_main)
+
+    # ---------------------------------------------------------------- run directory
+    def _take_directory(self) -> None:
+        """Create cfg.out and hold its lock (rank 0): a second run on it is refused at once."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.run_dir / LOCK, "a")  # noqa: SIM115 - held for the whole run
+        except OSError as exc:
+            raise ValueError(f"--out {self.run_dir}: cannot create the run directory "
+                             f"({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise ValueError(f"--out {self.run_dir} is in use by another fastbml run (it "
+                             f"holds {self.run_dir / LOCK}); wait for it to end or choose "
+                             "another --out") from None
+        self._lock = lock
+
+    def _release_directory(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    def close(self) -> None:
+        """Release the run directory (`fit` does when it returns or fails)."""
+        self._release_directory()
+        self.logger.close()
+
+    def __del__(self):
+        self._release_directory()
 
     # ---------------------------------------------------------------- data
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
@@ -344,6 +436,8 @@ class Trainer:
         if self.augment_seeds is not None:
             self.augment_seeds.seed = rng.step_seed(rng.step_seed(cfg.seed, epoch), 1)
         loss_sum = torch.zeros((), device=self.device)
+        self._loss_check.zero_()
+        skipped_before = self.skipped_steps
         n_seen = 0
         batches = self.train_loader
         if cfg.progress and self.is_main:
@@ -352,26 +446,43 @@ class Trainer:
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for inputs, labels in batches:
             labels = labels.to(self.device, non_blocking=True)
-            loss_sum += self.train_step(self._inputs(inputs), labels, epoch) * labels.shape[0]
-            n_seen += labels.shape[0]
+            loss = self.train_step(self._inputs(inputs), labels, epoch)
+            if loss is not None:  # None: a skipped step (--on-nonfinite skip)
+                loss_sum += loss * labels.shape[0]
+                n_seen += labels.shape[0]
         if self.scheduler is not None:
             self.scheduler.step()
         if self.distributed:
             # one collective: the loss over every rank's samples
             totals = torch.stack([loss_sum.double(), torch.tensor(float(n_seen), dtype=torch.float64,
-                                                                  device=self.device)])
+                                                                  device=self.device),
+                                  self._loss_check.double()])
             dist.all_reduce(totals)
             loss_sum, n_seen = totals[0], int(totals[1])
+            self._loss_check.copy_(totals[2])
             # DDP broadcasts buffers (BatchNorm statistics) from rank 0 before each forward, so
             # after the last step they differ: take rank 0's for evaluation and the checkpoint.
             buffers = list(self.model.buffers())
             if buffers:
                 distributed.broadcast_(buffers, dist.group.WORLD)
-        return {"train_loss": float(loss_sum) / max(n_seen, 1), **self.methods.epoch_logs()}
+        if not torch.isfinite(self._loss_check):  # NaN / inf in any step's loss propagates here
+            self._diverged(epoch)
+        logs = {"train_loss": float(loss_sum) / max(n_seen, 1), **self.methods.epoch_logs()}
+        if self.cfg.on_nonfinite == "skip":
+            logs["skipped_steps"] = self.skipped_steps - skipped_before
+        return logs
+
+    def _diverged(self, epoch: int) -> None:
+        kept = (f"{self.run_dir / CHECKPOINT} holds the last good epoch ({epoch - 1})"
+                if epoch > 0 else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"the training loss became non-finite in epoch {epoch}: the run diverged; {kept}. "
+            "Lower --lr, or pass --on-nonfinite skip to skip such steps")
 
     def train_step(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                   epoch: int) -> torch.Tensor:
-        """One optimisation step on a batch already on the device; returns the detached loss."""
+                   epoch: int) -> torch.Tensor | None:
+        """One optimisation step on a batch already on the device; returns the detached loss
+        (None for a step skipped because the loss is non-finite, `--on-nonfinite skip`)."""
         model = self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
@@ -381,6 +492,15 @@ class Trainer:
         aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
         total = loss if aux is None else loss + aux
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nonfinite == "skip":
+            bad = (~torch.isfinite(total.detach())).to(torch.int32)
+            if self.distributed:  # every rank skips the same steps
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad:  # a host sync per step: the price of deciding exactly
+                self.skipped_steps += 1
+                return None
+        else:  # no sync: checked once per epoch (NaN / inf propagate through the sum)
+            self._loss_check += total.detach()
         if self.scaler is not None:
             self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
@@ -455,6 +575,15 @@ class Trainer:
     def fit(self, until_epoch: int | None = None) -> dict:
         """Train from the current epoch to cfg.epochs (or stop after `until_epoch` epochs, as a
         killed run would), then evaluate the best-val model on test and write summary.json."""
+        try:
+            return self._fit(until_epoch)
+        except BaseException:
+            self.logger.close()
+            raise
+        finally:
+            self._release_directory()
+
+    def _fit(self, until_epoch: int | None) -> dict:
         cfg = self.cfg
         stop = cfg.epochs if until_epoch is None else min(until_epoch, cfg.epochs)
         for epoch in range(self.start_epoch, stop):
@@ -469,8 +598,8 @@ class Trainer:
             if self.best is None or record["val_acc"] > self.best["val_acc"]:
                 self.best = {"epoch": epoch, "val_acc": record["val_acc"]}
                 if self.is_main:
-                    torch.save({"model": self.model.state_dict(), "epoch": epoch},
-                               self.run_dir / BEST)
+                    ckpt.save({"model": self.model.state_dict(), "epoch": epoch},
+                              self.run_dir / BEST, previous=self.run_dir / BEST_PREVIOUS)
             self.logger.log(record)
             self.start_epoch = epoch + 1
             if self.is_main:
@@ -486,7 +615,7 @@ class Trainer:
         if self.cfg.plots and self.logger.history and self.is_main:
             plot_history(self.logger.history, self.modalities, self.run_dir / "curves.png")
         if self.is_main:
-            best = torch.load(self.run_dir / BEST, map_location=self.device, weights_only=True)
+            best = ckpt.load(self.run_dir / BEST, map_location=self.device)
             self.model.load_state_dict(best["model"])
         if self.distributed:  # rank 0 read the best model: every rank evaluates it on test
             distributed.broadcast_(list(self.model.state_dict().values()), dist.group.WORLD)
@@ -498,6 +627,7 @@ class Trainer:
             "val": {k[4:]: v for k, v in val_record.items() if k.startswith("val_")},
             "test": self.evaluate(self.splits.test),
             "train_seconds": self.seconds,
+            "skipped_steps": sum(r.get("skipped_steps", 0) for r in self.logger.history),
             "versions": _versions(),
         }
         if self.is_main:
@@ -526,43 +656,90 @@ class Trainer:
             "config": config_dict(self.cfg),
             "world_size": self.world,
         }
-        tmp = self.run_dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
+        ckpt.save(state, self.run_dir / CHECKPOINT, previous=self.run_dir / PREVIOUS)
+
+    def _read_checkpoint(self) -> tuple[dict, Path]:
+        """Rank 0: the verified last checkpoint, or (with a warning) the previous one when the
+        last is damaged; the best checkpoint it refers to is verified too."""
+        path, previous = self.run_dir / CHECKPOINT, self.run_dir / PREVIOUS
+        if not path.is_file() and not previous.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        try:
+            state = ckpt.load(path)  # on the CPU (the RNG state must be there)
+        except ckpt.CheckpointError as exc:
+            if not previous.is_file():
+                raise ckpt.CheckpointError(f"--resume: {exc}") from None
+            try:
+                state = ckpt.load(previous)
+            except ckpt.CheckpointError as prev_exc:
+                raise ckpt.CheckpointError(f"--resume: {exc}; and {prev_exc}") from None
+            warnings.warn(f"--resume: {exc}; resuming from the previous checkpoint {previous} "
+                          f"(epoch {state.get('epoch')})", stacklevel=3)
+            path = previous
+        if state.get("best") is not None:
+            self._check_best(state["best"]["epoch"], path, fallback=path == previous)
+        differences = _config_differences(state.get("config", {}), config_dict(self.cfg))
+        if differences:
+            raise ValueError(f"--resume: this run's settings differ from those of checkpoint "
+                             f"{path}: {'; '.join(differences)}. Only "
+                             f"{', '.join(RESUME_MAY_CHANGE)} may change on resume")
+        return state, path
+
+    def _check_best(self, epoch: int, path: Path, *, fallback: bool) -> None:
+        """Verify that checkpoint_best.pt holds `epoch`, the best epoch `path` refers to; after
+        a fallback to the previous checkpoint, the previous best may be the one."""
+        best_path, best_prev = self.run_dir / BEST, self.run_dir / BEST_PREVIOUS
+        try:
+            found = ckpt.load(best_path).get("epoch")
+        except ckpt.CheckpointError as exc:
+            if not fallback:
+                raise ckpt.CheckpointError(f"--resume: {exc}") from None
+            found = None
+        if found == epoch:
+            return
+        if fallback and best_prev.is_file() and ckpt.load(best_prev).get("epoch") == epoch:
+            os.replace(ckpt.sidecar(best_prev), ckpt.sidecar(best_path))
+            os.replace(best_prev, best_path)
+            return
+        raise ckpt.CheckpointError(f"--resume: {best_path} holds epoch {found}, but {path} "
+                                   f"expects the best epoch {epoch}")
 
     def _load_checkpoint(self) -> list[dict]:
-        path = self.run_dir / CHECKPOINT
-        state: dict | str
+        state, path = (None, None)
         if self.is_main:
-            if path.is_file():
-                # on the CPU (the RNG state must be there; load_state_dict moves the rest)
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            else:
-                state = f"--resume: no checkpoint at {path}"
+            state, path = self._read_checkpoint_or_message()
         if self.distributed:  # rank 0 reads it: the other nodes need not see the file
-            box = [state if self.is_main else None]
+            box = [(state, path)]
             dist.broadcast_object_list(box, src=0, device=self.device)
-            state = box[0]
-        if isinstance(state, str):
-            raise FileNotFoundError(state)
-        saved = state["config"]
-        for key in ("dataset", "method", "fusion", "seed", "modalities"):
-            if saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"--resume: checkpoint {path} was written with {key}="
-                                 f"{saved[key]!r}, this run has {getattr(self.cfg, key)!r}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.methods.load_state_dict(state["methods"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.start_epoch, self.best, self.seconds = state["epoch"], state["best"], state["seconds"]
-        return state["history"]
+            state, path = box[0]
+        if isinstance(state, tuple):  # (error type, message)
+            kind, message = state
+            raise (FileNotFoundError if kind == "missing" else ValueError)(message)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.methods.load_state_dict(state["methods"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.start_epoch, self.best = state["epoch"], state["best"]
+            self.seconds = state["seconds"]
+            return state["history"]
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"--resume: checkpoint {path} does not fit this run: "
+                                       f"{type(exc).__name__}: {exc}") from exc
 
+    def _read_checkpoint_or_message(self):
+        try:
+            return self._read_checkpoint()
+        except FileNotFoundError as exc:
+            return ("missing", str(exc)), None
+        except ValueError as exc:
+            return ("invalid", str(exc)), None
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Train one run described by `cfg`; returns the summary (best epoch, val and test metrics)."""
