@@ -35,6 +35,9 @@ class ContiguousWork:
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The bytes [first, last + 1) of memory that `t`'s elements can occupy."""
+    if t.is_contiguous():  # the common case, in three attribute reads
+        lo = t.data_ptr()
+        return (lo, lo + t.nbytes) if lo else (0, 0)  # meta and empty tensors have no memory
     if t.numel() == 0 or t.device.type == "meta":  # no memory
         return 0, 0
     lo = hi = t.data_ptr()
