@@ -63,7 +63,8 @@ def main(rounds: int = 15) -> None:
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {all_cases[0].shape}; "
              f"torch.compile mode={_mode(device)!r} (Inductor) of the training forward (OPM "
              f"included) and of the OGM step; median of {rounds} steps per variant, the variants "
-             "interleaved step by step.", "",
+             "interleaved step by step. The first compiled step includes compilation (less "
+             "when Inductor's on-disk cache already holds the graphs).", "",
              "| method | eager ms | compiled ms | compiled vs eager | compiled vs compiled joint "
              "| first compiled step s |",
              "|---|---:|---:|---:|---:|---:|"]
