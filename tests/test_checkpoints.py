@@ -12,7 +12,7 @@ import torch
 
 from fastbml import cli
 from fastbml.data import SyntheticConfig, make_synthetic
-from fastbml.train import Trainer, make_config
+from fastbml.train import Trainer, engine, make_config
 from fastbml.train import checkpoint as ckpt
 from fastbml.train.engine import BEST, CHECKPOINT, PREVIOUS, NonFiniteLossError
 
@@ -40,6 +40,18 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, spli
     assert state["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_divergence_stops_within_the_check_interval_not_at_the_epoch_end(tmp_path, splits,
+                                                                       monkeypatch):
+    monkeypatch.setattr(engine, "NONFINITE_CHECK_STEPS", 1)  # every step
+    trainer = Trainer(_cfg(tmp_path, epochs=2, lr=10.0), splits)  # diverges in epoch 0
+    calls = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a: calls.append(1) or step(*a))
+    with pytest.raises(NonFiniteLossError, match="epoch 0"):
+        trainer.fit()
+    assert len(calls) < len(trainer.train_loader)  # stopped inside the first epoch
 
 
 def test_skip_counts_the_skipped_steps(tmp_path, splits):

@@ -51,6 +51,8 @@ from .methods import MethodStack, compiled
 from .metrics import classification_metrics
 
 CHECKPOINT = "checkpoint_last.pt"
+# --on-nonfinite stop: the losses are checked every this many steps and at the end of each epoch
+NONFINITE_CHECK_STEPS = 50
 PREVIOUS = "checkpoint_prev.pt"   # the checkpoint_last.pt before the latest one
 BEST = "checkpoint_best.pt"
 BEST_PREVIOUS = "checkpoint_best_prev.pt"  # the best before the latest (what PREVIOUS refers to)
@@ -444,12 +446,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-        for inputs, labels in batches:
+        for step, (inputs, labels) in enumerate(batches, start=1):
             labels = labels.to(self.device, non_blocking=True)
             loss = self.train_step(self._inputs(inputs), labels, epoch)
             if loss is not None:  # None: a skipped step (--on-nonfinite skip)
                 loss_sum += loss * labels.shape[0]
                 n_seen += labels.shape[0]
+            if step % NONFINITE_CHECK_STEPS == 0 and self.cfg.on_nonfinite == "stop":
+                self._stop_if_diverged(epoch)
         if self.scheduler is not None:
             self.scheduler.step()
         if self.distributed:
@@ -471,6 +475,15 @@ class Trainer:
         if self.cfg.on_nonfinite == "skip":
             logs["skipped_steps"] = self.skipped_steps - skipped_before
         return logs
+
+    def _stop_if_diverged(self, epoch: int) -> None:
+        """Mid-epoch divergence check: one host read (and under DDP one all_reduce of a scalar,
+        so that every rank stops together) per NONFINITE_CHECK_STEPS steps."""
+        total = self._loss_check.clone()
+        if self.distributed:
+            dist.all_reduce(total)
+        if not torch.isfinite(total):
+            self._diverged(epoch)
 
     def _diverged(self, epoch: int) -> None:
         kept = (f"{self.run_dir / CHECKPOINT} holds the last good epoch ({epoch - 1})"
