@@ -321,21 +321,28 @@ def _float_clip(frames, size, box):
     return torch.stack(out, dim=1)
 
 
+def hdf5_videos(root, n_train=6):
+    """A Kinetics-Sounds HDF5 layout of smooth 5-frame JPEG clips; returns the database."""
+    database = _annotations(root, {"training": n_train, "validation": 3})
+    (root / "audio").mkdir()
+    (root / "hdf5").mkdir()
+    frames = [_smooth_jpeg(seed=i) for i in range(5)]
+    for vid in database:
+        np.save(root / "audio" / f"{vid}.npy", np.zeros((8, 10), np.float32))
+        with h5py.File(root / "hdf5" / f"{vid}.hdf5", "w") as fh:
+            ds = fh.create_dataset("video", (5,), dtype=h5py.vlen_dtype(np.uint8))
+            for i, f in enumerate(frames):
+                ds[i] = np.frombuffer(f, dtype=np.uint8)
+    return database
+
+
 @pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
 @pytest.mark.parametrize("train", [True, False])
 def test_uint8_clip_matches_the_float_path(tmp_path, decoder, train):
     """Same crop parameters as the float path; the values differ by at most one uint8 level
     (torch's and Pillow's bilinear kernels round differently), on average far less."""
-    database = _annotations(tmp_path, {"training": 6, "validation": 3})
-    (tmp_path / "audio").mkdir()
-    (tmp_path / "hdf5").mkdir()
-    frames = [_smooth_jpeg(seed=i) for i in range(5)]
-    for vid in database:
-        np.save(tmp_path / "audio" / f"{vid}.npy", np.zeros((8, 10), np.float32))
-        with h5py.File(tmp_path / "hdf5" / f"{vid}.hdf5", "w") as fh:
-            ds = fh.create_dataset("video", (5,), dtype=h5py.vlen_dtype(np.uint8))
-            for i, f in enumerate(frames):
-                ds[i] = np.frombuffer(f, dtype=np.uint8)
+    hdf5_videos(tmp_path)
+    frames = [_smooth_jpeg(seed=i) for i in range(5)]  # what hdf5_videos wrote
     splits = load_dataset("kinetics-sounds", tmp_path,
                           options={"image_size": 112, "dct_scaling": False, "decoder": decoder})
     read = splits.train.readers["visual"]

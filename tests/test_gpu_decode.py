@@ -3,12 +3,10 @@
 device decoder is substituted by a CPU one, which tests everything but nvjpeg itself; the `gpu`
 test runs torchvision's decoder on CUDA."""
 
-import h5py
-import numpy as np
 import pytest
 import simplejpeg
 import torch
-from test_datasets import _annotations, _smooth_jpeg
+from test_datasets import _smooth_jpeg, hdf5_videos
 
 from fastbml.data import DataError, load_dataset, prepare_batch
 from fastbml.data import encoded as enc
@@ -24,23 +22,11 @@ def _cpu_decode(frames, gray, device):
             .permute(2, 0, 1).to(device) for f in frames]
 
 
-def _videos(root, n_train=6):
-    database = _annotations(root, {"training": n_train, "validation": 3})
-    (root / "audio").mkdir()
-    (root / "hdf5").mkdir()
-    frames = [_smooth_jpeg(seed=i) for i in range(5)]
-    for vid in database:
-        np.save(root / "audio" / f"{vid}.npy", np.zeros((8, 10), np.float32))
-        with h5py.File(root / "hdf5" / f"{vid}.hdf5", "w") as fh:
-            ds = fh.create_dataset("video", (5,), dtype=h5py.vlen_dtype(np.uint8))
-            for i, f in enumerate(frames):
-                ds[i] = np.frombuffer(f, dtype=np.uint8)
-    return database
 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_device_decoding_matches_loader_decoding(tmp_path, train):
-    _videos(tmp_path)
+    hdf5_videos(tmp_path)
     splits = load_dataset("kinetics-sounds", tmp_path,
                           options={"image_size": 112, "dct_scaling": False})
     on_cpu = splits.train.readers["visual"]
@@ -75,7 +61,7 @@ def test_device_decoding_names_a_corrupt_frame(tmp_path):
 
 
 def test_gpu_decode_option_is_refused_without_cuda_decoder(tmp_path, monkeypatch):
-    _videos(tmp_path)
+    hdf5_videos(tmp_path)
     monkeypatch.setattr(enc, "gpu_decode_available", lambda: "CUDA is not available")
     with pytest.raises(ValueError, match="gpu_decode=true needs torchvision's CUDA JPEG"):
         load_dataset("kinetics-sounds", tmp_path, options={"gpu_decode": True})
@@ -84,7 +70,7 @@ def test_gpu_decode_option_is_refused_without_cuda_decoder(tmp_path, monkeypatch
 def test_trainer_runs_the_device_decoding_path(tmp_path, monkeypatch):
     root = tmp_path / "ks"
     root.mkdir()
-    _videos(root, n_train=12)
+    hdf5_videos(root, n_train=12)
     monkeypatch.setattr(enc, "gpu_decode_available", lambda: None)
     monkeypatch.setattr(enc, "_torchvision_decode", _cpu_decode)
     cfg = make_config(dataset="kinetics-sounds", data_root=str(root), epochs=1, batch_size=3,
@@ -103,7 +89,7 @@ def test_nvjpeg_decoding_on_cuda_matches_the_cpu(tmp_path):
     # the option needs a torchvision matching torch; a machine without one does not offer it
     pytest.importorskip("torchvision", reason="gpu_decode needs torchvision (not installed)")
     assert enc.gpu_decode_available() is None, enc.gpu_decode_available()
-    _videos(tmp_path)
+    hdf5_videos(tmp_path)
     reader = HDF5Frames(tmp_path / "hdf5", 3, 112, gpu_decode=True)
     torch.manual_seed(0)
     batch = EncodedBatch([reader("vid_training_0", True), reader("vid_validation_0", False)])
