@@ -88,17 +88,20 @@ def make_kinetics(root: Path, videos: int = VIDEOS, frames: int = 10) -> Path:
     return root
 
 
-def _authors_clip(encoded: list[bytes], size: int, gen: torch.Generator) -> torch.Tensor:
-    """Authors-equivalent clip: Pillow decode, crop, flip, resize, ToTensor, Normalize."""
-    out, box = [], None
+def authors_clip(encoded: list[bytes], size: int, box=None) -> torch.Tensor:
+    """Authors-equivalent clip: Pillow decode, crop, flip, resize, ToTensor, Normalize ->
+    [3, T, size, size] float32. `box` is (x0, y0, w, h, flip), a callable drawing it from the
+    first frame's (width, height), or None (no crop: the whole frame resized)."""
+    out = []
     for data in encoded:
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        if box is None:
-            box = crop_box(*img.size, (0.25, 1.0), gen)
-        x0, y0, cw, ch, flip = box
-        img = img.crop((x0, y0, x0 + cw, y0 + ch))
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if callable(box):
+            box = box(*img.size)
+        if box is not None:
+            x0, y0, cw, ch, flip = box
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img = img.resize((size, size), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         out.append((x - IMAGENET_MEAN) / IMAGENET_STD)
@@ -124,7 +127,9 @@ def kinetics_cases(root: Path) -> list[Case]:
             gen = torch.Generator().manual_seed(0)
 
             def original(ids=ids, layout=layout, size=size, gen=gen):
-                clips = [_authors_clip(_authors_read(root, layout, v), size, gen) for v in ids]
+                clips = [authors_clip(_authors_read(root, layout, v), size,
+                                      lambda w, h: crop_box(w, h, (0.25, 1.0), gen))
+                         for v in ids]
                 return torch.stack(clips)
 
             def fastbml(read=train.readers["visual"], ids=ids):

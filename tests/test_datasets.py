@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.bench_data import authors_clip
 from fastbml.data import (
     DataError,
     SyntheticConfig,
@@ -22,7 +23,7 @@ from fastbml.data import (
 from fastbml.data.base import carve_split
 from fastbml.data.batch import _fused_affine
 from fastbml.data.cremad import EMOTIONS
-from fastbml.data.io import IMAGENET_MEAN, IMAGENET_STD, crop_box, decode_crop, pick_frames
+from fastbml.data.io import IMAGENET_STD, crop_box, decode_crop, pick_frames
 from fastbml.train import Trainer, make_config
 
 RNG = np.random.default_rng(0)
@@ -304,21 +305,6 @@ def _smooth_jpeg(size=(340, 256), seed=0):
     return buf.getvalue()
 
 
-def _float_clip(frames, size, box):
-    """The float path the uint8 one replaces: Pillow decode, crop, flip, Pillow bilinear resize,
-    /255, ImageNet normalisation -> [3, T, size, size]."""
-    out = []
-    for data in frames:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if box is not None:
-            x0, y0, cw, ch, flip = box
-            img = img.crop((x0, y0, x0 + cw, y0 + ch))
-            if flip:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        out.append((x - IMAGENET_MEAN) / IMAGENET_STD)
-    return torch.stack(out, dim=1)
 
 
 def hdf5_videos(root, n_train=6):
@@ -356,14 +342,14 @@ def test_uint8_clip_matches_the_float_path(tmp_path, decoder, train):
         if train:
             seed = int(torch.randint(0, 2 ** 62, ()))
             box = crop_box(340, 256, (0.25, 1.0), torch.Generator().manual_seed(seed))
-        expected = _float_clip([frames[0], frames[2], frames[4]], 112, box)
+        expected = authors_clip([frames[0], frames[2], frames[4]], 112, box)
         got = prepare_batch({"visual": clip[None]}, splits.info, "cpu")["visual"][0]
         diff = (got - expected).abs()
         assert diff.max() <= level + 1e-5 and diff.mean() < 0.2 * level
     # DCT-scaled decoding (the default) changes the pixels only slightly
     scaled = load_dataset("kinetics-sounds", tmp_path, options={"image_size": 112})
     clip = scaled.test.readers["visual"]("vid_validation_0", False)
-    expected = _float_clip([frames[0], frames[2], frames[4]], 112, (42, 0, 256, 256, False))
+    expected = authors_clip([frames[0], frames[2], frames[4]], 112, (42, 0, 256, 256, False))
     got = prepare_batch({"visual": clip[None]}, scaled.info, "cpu")["visual"][0]
     assert (got - expected).abs().mean() < 4 * level
 

@@ -305,16 +305,21 @@ def flow_clip_uint8(pairs: Sequence[tuple[Path, Path]], size: int, *, train: boo
     return torch.cat(parts, dim=0)
 
 
+def check_frame_options(decoder: str, eval_crop: str) -> None:
+    """The frame readers' `decoder` and `eval_crop` options, checked by name."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if eval_crop not in EVAL_CROPS:
+        raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
+
+
 class FrameFolder:
     """Reads `frames` evenly spaced images of <root>/<id>/ as a [3, T, size, size] uint8 clip."""
 
     def __init__(self, root: Path, frames: int, size: int,
                  crop_scale: tuple[float, float] = (0.08, 1.0), *, dct_scaling: bool = True,
                  decoder: str = "auto", eval_crop: str = "resize", gpu_decode: bool = False):
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        if eval_crop not in EVAL_CROPS:
-            raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
+        check_frame_options(decoder, eval_crop)
         self.root, self.frames, self.size, self.crop_scale = root, frames, size, crop_scale
         self.dct_scaling, self.decoder, self.eval_crop = dct_scaling, decoder, eval_crop
         self.gpu_decode = gpu_decode

@@ -41,10 +41,9 @@ from ..models import InputSpec
 from .base import DataError, DatasetInfo, FileDataset, Splits, require_file, split_train_val
 from .encoded import decode_options
 from .io import (
-    DECODERS,
-    EVAL_CROPS,
     IMAGENET_NORM,
     FrameFolder,
+    check_frame_options,
     fit_spectrogram,
     load_array,
     pick_frames,
@@ -104,10 +103,7 @@ class HDF5Frames:
     def __init__(self, folder: Path, frames: int, size: int,
                  crop_scale: tuple[float, float] = (0.25, 1.0), *, dct_scaling: bool = True,
                  decoder: str = "auto", eval_crop: str = "center", gpu_decode: bool = False):
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        if eval_crop not in EVAL_CROPS:
-            raise ValueError(f"eval_crop must be one of {EVAL_CROPS}, got {eval_crop!r}")
+        check_frame_options(decoder, eval_crop)
         self.folder, self.frames, self.size, self.crop_scale = folder, frames, size, crop_scale
         self.dct_scaling, self.decoder, self.eval_crop = dct_scaling, decoder, eval_crop
         self.gpu_decode = gpu_decode
