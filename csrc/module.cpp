@@ -3,8 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "feature_drop.h"
 #include "lerp.h"
+#include "row_drop.h"
 #include "scale_noise.h"
 #include "true_class_prob.h"
 
@@ -19,10 +19,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("true_class_prob_sums", &fastbml::true_class_prob_sums,
         py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptrs"), py::arg("dtype"),
         py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"), py::arg("out_ptr"));
-  m.def("opm_drop_scale", &fastbml::opm_drop_scale, py::call_guard<py::gil_scoped_release>(),
+  m.def("row_drop_scale", &fastbml::row_drop_scale, py::call_guard<py::gil_scoped_release>(),
         py::arg("in_ptrs"), py::arg("out_ptrs"), py::arg("dtype"), py::arg("batch"),
         py::arg("dims"), py::arg("row_strides"), py::arg("q_ptr"), py::arg("threshold"),
-        py::arg("seed"), py::arg("mask_seed"), py::arg("weights_ptr"));
+        py::arg("seed"), py::arg("mask_seed"), py::arg("coin_stream"), py::arg("mask_stream"),
+        py::arg("weights_ptr"), py::arg("executed_ptr"));
   m.def("multi_tensor_lerp", &fastbml::multi_tensor_lerp, py::call_guard<py::gil_scoped_release>(),
         py::arg("ptrs"), py::arg("target_ptrs"), py::arg("dtypes"), py::arg("numels"),
         py::arg("weight_index"), py::arg("weights_ptr"));

@@ -2,11 +2,10 @@
 
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
-from .opm import OPM, opm_drop_probs
-from .ops.feature_drop import opm_drop
-from .ops.scores import modality_scores
+from .opm import OPM, opm_drop, opm_drop_probs
 from .purity import cluster_purity
 from .relearn import relearn_strength, soft_reinit_
+from .scores import modality_scores
 from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logits
 
 __version__ = "0.1.0"

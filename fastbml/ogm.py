@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from . import distributed, rng
-from ._checks import finite_number
-from .ops._library import PLAIN_TENSORS, check_plain
-from .ops._multi_tensor import FLOAT_DTYPES, check_disjoint
+from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, finite_number
+from .ops._multi_tensor import check_disjoint
 from .ops.scale_noise import multi_tensor_scale_noise_
-from .ops.scores import modality_scores
+from .scores import modality_scores
 
 COEFF_FORMS = ("paper", "shifted")
 NOISE_EPS = 1e-8  # added to each tensor's gradient std, as the reference code does

@@ -15,13 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed, rng
-from ._checks import finite_number
-from .ops.feature_drop import check_probability, drop_with_valid_q
-from .ops.scores import modality_scores
-
-
-def _check_number(value: object, name: str, low: float = 0.0) -> float:
-    return finite_number(value, name, low=low)
+from ._checks import check_float_tensor, check_unit_range, finite_number, integer, probability
+from .ops.row_drop import row_drop
+from .scores import modality_scores
 
 
 def opm_drop_probs(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
@@ -40,14 +36,87 @@ def opm_drop_probs(scores: torch.Tensor, q_base: float, lam: float) -> torch.Ten
                          f"{tuple(scores.shape)}")
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
-    q_base = check_probability(q_base, "q_base")
-    lam = _check_number(lam, "lam")
+    q_base = probability(q_base, "q_base")
+    lam = finite_number(lam, "lam", low=0.0)
     s = scores.detach().to(torch.float32)
     n = s.numel()
     others = (s.expand(n, n) * ~torch.eye(n, dtype=torch.bool, device=s.device)).sum(dim=1)
     rho = s / others
     q = (q_base * (1.0 + lam * torch.tanh(torch.relu(rho - 1.0)))).clamp(0.0, 1.0)
     return torch.where(rho > 1.0, q, torch.zeros_like(q))
+
+
+def _check_features(features: object) -> list[torch.Tensor]:
+    """The per-modality features as a list of [B, ...] tensors sharing batch, dtype and device."""
+    if isinstance(features, torch.Tensor) or not isinstance(features, Sequence) or not features:
+        raise TypeError("features must be a non-empty sequence of tensors [B, ...], one per "
+                        "modality")
+    features = list(features)
+    for m, f in enumerate(features):
+        check_float_tensor(f, f"features[{m}]")
+        if f.dim() < 1:
+            raise ValueError(f"features[{m}] must be [B, ...] with a batch dimension, got a scalar")
+        first = features[0]
+        if f.shape[0] != first.shape[0]:
+            raise ValueError(f"features[{m}] has batch size {f.shape[0]} but features[0] has "
+                             f"{first.shape[0]}")
+        if f.device != first.device or f.dtype != first.dtype:
+            raise ValueError(f"features[{m}] is {f.dtype} on {f.device} but features[0] is "
+                             f"{first.dtype} on {first.device}: all modalities must share both")
+    return features
+
+
+def _check_q(q: object, n_mod: int, device: torch.device) -> torch.Tensor:
+    """q as a detached float32 [M] tensor on `device`; its range is checked without a host sync."""
+    if isinstance(q, torch.Tensor):
+        if not q.dtype.is_floating_point:
+            raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+        if q.shape != (n_mod,):
+            raise ValueError(f"q must have shape [{n_mod}] (one drop probability per modality), "
+                             f"got {tuple(q.shape)}")
+        if q.device != device:
+            raise ValueError(f"q is on {q.device} but features on {device}")
+        q = q.detach().to(torch.float32).contiguous()
+        check_unit_range(q, "q")
+        return q
+    if isinstance(q, (str, bytes)) or not isinstance(q, Sequence):
+        raise TypeError(f"q must be a tensor or a sequence of floats, got {type(q).__name__}")
+    if len(q) != n_mod:
+        raise ValueError(f"q must have {n_mod} entries (one per modality), got {len(q)}")
+    q = [probability(value, f"q[{m}]") for m, value in enumerate(q)]
+    return torch.tensor(q, dtype=torch.float32, device=device)
+
+
+def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float], *,
+             p_exe: float = 1.0, seed: rng.Seed | None = None,
+             mask_seed: rng.Seed | None = None,
+             backend: str = "auto") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """OPM's modality drop: (modulated features, per-sample loss weights [B] float32).
+
+    `features` holds one tensor [B, ...] per modality (same batch, dtype and device; d_m is the
+    product of the trailing sizes), `q` the per-modality drop probabilities [M] in [0, 1] (a
+    device tensor, typically from `opm_drop_probs`; detached here), `p_exe` the probability that
+    the drop runs at all this call. With probability p_exe every row i of modality m is kept with
+    probability 1 - q_m, and every kept feature is scaled by 1 / (1 - theta),
+    theta = sum_m d_m q_m / sum_m d_m (docs/methods.md#opm). Autograd-aware: gradients see the
+    same mask and scale; no gradient flows into q. Use the weights as
+    `loss = (F.cross_entropy(logits, y, reduction="none") * weights).sum()`: the mean loss over
+    the rows that kept a modality (the reference compacts the batch instead), the plain mean when
+    nothing is dropped, and 0 when everything is. The same `seed` gives the same result on every
+    backend (masks bit-identical); None draws one from torch's generator. `mask_seed` (default:
+    `seed`) keys the masks alone: under DDP every rank passes the same `seed` (one coin for the
+    global batch) and its own `mask_seed` (independent masks per rank). No host sync.
+    """
+    features = _check_features(features)
+    device = features[0].device
+    q = _check_q(q, len(features), device)
+    threshold = 1.0 - probability(p_exe, "p_exe")
+    seed = rng.seed_tensor(seed, device)
+    mask_seed = seed if mask_seed is None else rng.seed_tensor(mask_seed, device, "mask_seed")
+    outputs, weights, _ = row_drop(features, q, threshold=threshold, seed=seed,
+                                   mask_seed=mask_seed, coin_stream=rng.STREAM_COIN,
+                                   mask_stream=rng.STREAM_MASK, backend=backend)
+    return outputs, weights
 
 
 Tensors = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -101,12 +170,11 @@ class OPM(nn.Module):
         if len(names) < 2 or len(set(names)) != len(names) or not all(
                 isinstance(n, str) for n in names):
             raise ValueError(f"modalities must hold at least two distinct names, got {names!r}")
-        self.q_base = check_probability(q_base, "q_base")
-        self.lam = _check_number(lam, "lam")
-        self.p_exe = check_probability(p_exe, "p_exe")
+        self.q_base = probability(q_base, "q_base")
+        self.lam = finite_number(lam, "lam", low=0.0)
+        self.p_exe = probability(p_exe, "p_exe")
         for name, value in (("start", start), ("warmup_epochs", warmup_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            integer(value, name)
         if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
             raise ValueError(f"end must be None or an int >= start ({start}), got {end!r}")
         self.modalities = names
@@ -122,7 +190,7 @@ class OPM(nn.Module):
         self.last_scores: torch.Tensor | None = None
         self.last_q: torch.Tensor | None = None
         self._last_dims: list[int] = []
-        self._last_seed: torch.Tensor | None = None
+        self.last_executed: torch.Tensor | None = None  # the coin (device bool)
         self._checked = False
         self._check_ranks()
 
@@ -161,9 +229,7 @@ class OPM(nn.Module):
     def forward(self, features: Tensors, logits: Tensors, labels: torch.Tensor,
                 epoch: int) -> tuple[Tensors, torch.Tensor]:
         """(modulated features, loss weights [B]); see the class docstring."""
-        ordered = self._ordered(features, "features")
-        if not isinstance(ordered[0], torch.Tensor) or ordered[0].dim() < 1:
-            raise TypeError("features must hold tensors [B, ...]")
+        ordered = _check_features(self._ordered(features, "features"))
         batch, device = ordered[0].shape[0], ordered[0].device
         if not self.training:
             return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
@@ -178,15 +244,17 @@ class OPM(nn.Module):
         self.last_scores = scores
         self._last_dims = [math.prod(f.shape[1:]) for f in ordered]
         if not self.active(epoch):
-            self.last_q, self._last_seed = torch.zeros_like(scores), None
+            self.last_q = torch.zeros_like(scores)
+            self.last_executed = torch.zeros((), dtype=torch.bool, device=device)
             return features, torch.full((batch,), 1.0 / max(batch, 1), device=device)
         q = opm_drop_probs(scores, self.q_base, self.lam)
         if q.device != ordered[0].device:
             raise ValueError(f"the logits are on {q.device} but the features on "
                              f"{ordered[0].device}")
-        out, weights = drop_with_valid_q(ordered, q, p_exe=self.p_exe, seed=seed,
-                                         mask_seed=mask_seed, backend=self.backend)
-        self.last_q, self._last_seed = q, seed
+        out, weights, self.last_executed = row_drop(
+            ordered, q, threshold=1.0 - self.p_exe, seed=seed, mask_seed=mask_seed,
+            coin_stream=rng.STREAM_COIN, mask_stream=rng.STREAM_MASK, backend=self.backend)
+        self.last_q = q
         if isinstance(features, Mapping):
             return dict(zip(self.modalities, out)), weights
         return out, weights
@@ -198,17 +266,6 @@ class OPM(nn.Module):
             return None
         d = torch.tensor(self._last_dims, dtype=torch.float32, device=self.last_q.device)
         return (self.last_q * d).sum() / max(sum(self._last_dims), 1)
-
-    @property
-    def last_executed(self) -> torch.Tensor | None:
-        """Whether the latest training call's coin ran the drop (device bool; False outside the
-        window)."""
-        if self.last_q is None:
-            return None
-        if self._last_seed is None:
-            return torch.zeros((), dtype=torch.bool, device=self.last_q.device)
-        u = rng.philox_uniform(self._last_seed, rng.STREAM_COIN, 1, device=self.last_q.device)
-        return (u >= 1.0 - self.p_exe)[0]
 
     def _config(self) -> dict:
         return {"modalities": self.modalities, "seed": self.seed, "steps": self.steps,

@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastbml.kernels import feature_drop, lerp, scale_noise, true_class_prob
+from fastbml.kernels import lerp, row_drop, scale_noise, true_class_prob
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -41,19 +41,21 @@ def specs():
             "logits": f"*{name}", "labels": "*i64", "out": "*fp32", "batch": "i32",
             "n_classes": "i32", "stride_g": "i64", "stride_b": "i64", "stride_c": "i64",
             "ROWS": "constexpr", "COLS": "constexpr"}, {"ROWS": 64, "COLS": 64}
-        yield f"drop_scale[{name}]", feature_drop._drop_scale_kernel, {
+        yield f"drop_scale[{name}]", row_drop._drop_scale_kernel, {
             "in_table": "*i64", "out_table": "*i64", "stride_table": "*i64",
             "dim_table": "*i64", "first_prog": "*i64", "q": "*fp32", "n_mod": "i32",
             "batch": "i32", "total_dim": "fp32", "threshold": "fp32", "seed_ptr": "*i64",
-            "mask_seed_ptr": "*i64", "DTYPE": "constexpr", "MP": "constexpr", "ROWS": "constexpr",
+            "mask_seed_ptr": "*i64", "coin_stream": "i32", "mask_stream": "i32",
+            "DTYPE": "constexpr", "MP": "constexpr", "ROWS": "constexpr",
             "COLS": "constexpr", "ALIGNED": "constexpr"}, {
             "DTYPE": dtype, "MP": 4, "ROWS": 8, "COLS": 512, "ALIGNED": True}
     yield "sigma", scale_noise._sigma_kernel, {
         "moments": "*fp64", "first_chunk": "*i64", "sigma": "*fp32", "eps": "fp32",
         "n_iters": "i32", "CHUNKS": "constexpr"}, {"CHUNKS": 1024}
-    yield "weights", feature_drop._weights_kernel, {
-        "q": "*fp32", "weights": "*fp32", "n_mod": "i32", "batch": "i32", "threshold": "fp32",
-        "seed_ptr": "*i64", "mask_seed_ptr": "*i64", "ROWS": "constexpr"}, {"ROWS": 256}
+    yield "weights", row_drop._weights_kernel, {
+        "q": "*fp32", "weights": "*fp32", "executed_ptr": "*i8", "n_mod": "i32", "batch": "i32",
+        "threshold": "fp32", "seed_ptr": "*i64", "mask_seed_ptr": "*i64", "coin_stream": "i32",
+        "mask_stream": "i32", "ROWS": "constexpr"}, {"ROWS": 256}
 
 
 def main():

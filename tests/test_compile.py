@@ -261,11 +261,11 @@ def _opcheck_cases(device):
         torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True)
     yield "lerp_", ops.lerp_.default, (
         [r(5, 4), r(9)], [r(5, 4), r(9)], [0, 1], torch.tensor([0.3, 0.6], device=device))
-    yield "modality_scores", ops.modality_scores.default, (
+    yield "true_class_prob", ops.true_class_prob.default, (
         [r(8, 5), r(8, 5)], torch.randint(0, 5, (8,), device=device))
-    yield "opm_drop", ops.opm_drop.default, (
+    yield "row_drop", ops.row_drop.default, (
         [r(9, 4).requires_grad_(), r(9, 2, 3).requires_grad_()],
-        torch.tensor([0.5, 0.1], device=device), 0.0, seed, torch.tensor(6, device=device))
+        torch.tensor([0.5, 0.1], device=device), 0.0, seed, torch.tensor(6, device=device), 1, 2)
 
 
 def _opcheck(device):

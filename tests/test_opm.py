@@ -46,6 +46,27 @@ def definition(features, q, p_exe, seed, mask_seed=None):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("batch", [0, 1, 40])
+def test_row_drop_reports_the_coin_of_its_own_streams(backend, batch):
+    """The op is method-free: it draws from the streams it is given and returns its coin."""
+    from fastbml.ops.row_drop import row_drop
+
+    feats = features_of(batch, [(5,), (3,)])
+    q = torch.tensor([0.6, 0.2], device=DEVICE)
+    for s in range(12):
+        seed = rng.seed_tensor(s, DEVICE)
+        mask_seed = rng.seed_tensor(s + 100, DEVICE)
+        outs, _, executed = row_drop(feats, q, threshold=0.5, seed=seed, mask_seed=mask_seed,
+                                     coin_stream=5, mask_stream=9, backend=backend)
+        coin = rng.philox_uniform(s, 5, 1, device=DEVICE)[0] >= 0.5
+        assert executed.dtype == torch.bool and executed.shape == () and bool(executed) == bool(coin)
+        keep = rng.philox_uniform(s + 100, 9, 2 * batch, device=DEVICE).view(2, batch) >= q[:, None]
+        factor = torch.where(coin, keep / (1 - (0.6 * 5 + 0.2 * 3) / 8), 1.0)
+        for m, (out, f) in enumerate(zip(outs, feats)):
+            torch.testing.assert_close(out, f * factor[m][:, None], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize(("batch", "trailing"), SHAPES)
 def test_forward_matches_the_definition(backend, batch, trailing):
     feats = features_of(batch, trailing)
@@ -118,15 +139,18 @@ def test_cpp_and_triton_draw_identical_masks_and_coins():
 @pytest.mark.parametrize("block", [64, 1024, 16384])
 def test_triton_result_does_not_depend_on_the_block_size(block):
     pytest.importorskip("triton")
-    from fastbml.kernels.feature_drop import opm_drop_scale
+    from fastbml.kernels.row_drop import row_drop_scale
 
     feats = [randn(50, 40), randn(50, 7)]
     q = torch.tensor([0.5, 0.3], device=DEVICE)
     outs = [torch.empty_like(f) for f in feats]
     weights = torch.empty(50, device=DEVICE)
     seed = torch.tensor(99, device=DEVICE)
-    opm_drop_scale(feats, outs, q, threshold=0.0, seed=seed, mask_seed=seed, weights=weights,
-                   block=block)
+    executed = torch.empty((), dtype=torch.bool, device=DEVICE)
+    row_drop_scale(feats, outs, q, threshold=0.0, seed=seed, mask_seed=seed,
+                   coin_stream=rng.STREAM_COIN, mask_stream=rng.STREAM_MASK, weights=weights,
+                   executed=executed, block=block)
+    assert bool(executed)
     expected, expected_w = definition(feats, q, 1.0, 99)
     for out, exp in zip(outs, expected):
         torch.testing.assert_close(out.double(), exp, rtol=1e-6, atol=1e-6)

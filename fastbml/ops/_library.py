@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 NAMESPACE = "fastbml"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -48,31 +47,3 @@ def call(op, triton_kernel: Callable, impl: str, device: torch.device, *args):
     if impl == "triton" and device.type == "cpu":
         return triton_kernel(*args)
     return op(*args)
-
-
-PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-
-
-def check_plain(tensor: torch.Tensor, name: str) -> None:
-    """Refuses tensor subclasses (DTensor, ...): a kernel given a subclass's local storage would
-    read or write the wrong memory."""
-    if type(tensor) not in PLAIN_TENSORS:
-        raise TypeError(f"{name} is a {type(tensor).__name__}: fastbml's kernels take plain "
-                        "tensors only (sharded DTensor gradients and parameters are not "
-                        "supported)")
-
-
-def check_on_device(ok: torch.Tensor, message: str) -> None:
-    """Enforces a condition held in a bool device tensor without a host sync where one would
-    cost: a ValueError(message) for eager CPU tensors; on CUDA, and inside a compiled graph
-    (where reading the value would break it), a device-side assert."""
-    if ok.device.type == "cuda" or torch.compiler.is_compiling():
-        torch._assert_async(ok, f"fastbml: {message}")
-    elif ok.device.type == "cpu" and not ok:
-        raise ValueError(message)
-
-
-def check_unit_range(values: torch.Tensor, name: str) -> None:
-    """`check_on_device` of 0 <= values <= 1 (NaN fails)."""
-    lo, hi = torch.aminmax(values)  # NaN propagates into both and fails either bound
-    check_on_device((lo >= 0) & (hi <= 1), f"{name} must lie in [0, 1], got values outside it")

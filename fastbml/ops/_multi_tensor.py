@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Element-type codes of csrc/dtype.h.
 CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

@@ -1,8 +1,8 @@
-// OPM's fused drop + rescale. The per-row factors (coin, Bernoulli keep mask, 1/(1-theta)) are
+// Fused per-row drop + rescale. The per-row factors (coin, Bernoulli keep mask, 1/(1-theta)) are
 // M * B numbers, drawn here from the Philox streams each call (forward and backward alike), so
-// nothing but the seed has to be kept between the two; the elementwise pass then scales every
-// row of every modality by its factor.
-#include "feature_drop.h"
+// nothing but the seeds has to be kept between the two; the elementwise pass then scales every
+// row of every buffer by its factor.
+#include "row_drop.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -17,8 +17,6 @@
 namespace fastbml {
 namespace {
 
-constexpr uint32_t kStreamCoin = 1;  // fastbml.rng.STREAM_COIN
-constexpr uint32_t kStreamMask = 2;  // fastbml.rng.STREAM_MASK
 constexpr int64_t kWorkElements = 1 << 15;  // elements per parallel work item (whole rows)
 // Below these sizes a parallel region costs more than it saves (and on a busy machine a
 // barrier can wait for a descheduled thread), so the loops run on the calling thread.
@@ -32,13 +30,13 @@ Philox4 block_words(uint64_t seed, uint32_t stream, int64_t block) {
 
 // keep[k] = (mask uniform of element k) >= q[k / batch] for the 4 * n_blocks elements of blocks
 // first .. first + n_blocks - 1; elements past n_rows (the last block's padding) compare with
-// the last modality's q and are never read.
+// the last buffer's q and are never read.
 FASTBML_SIMD_CLONES
-void draw_keep(uint64_t seed, const float* q, int64_t batch, int64_t n_rows, int64_t first,
+void draw_keep(uint64_t seed, uint32_t stream, const float* q, int64_t batch, int64_t n_rows, int64_t first,
                int64_t n_blocks, uint8_t* keep) {
 #pragma omp simd
   for (int64_t b = first; b < first + n_blocks; ++b) {
-    const Philox4 r = block_words(seed, kStreamMask, b);
+    const Philox4 r = block_words(seed, stream, b);
     const int64_t k = 4 * b;
     keep[k] = uniform_open(r.w0) >= q[std::min(k, n_rows - 1) / batch];
     keep[k + 1] = uniform_open(r.w1) >= q[std::min(k + 1, n_rows - 1) / batch];
@@ -70,15 +68,16 @@ void scale_rows_any(DType dtype, uintptr_t in, uintptr_t out, int64_t first_row,
 }
 
 struct Work {
-  int64_t modality, first_row, rows;
+  int64_t buffer, first_row, rows;
 };
 
 }  // namespace
 
-void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uintptr_t>& out_ptrs,
+void row_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uintptr_t>& out_ptrs,
                     int dtype_code, int64_t batch, const std::vector<int64_t>& dims,
                     const std::vector<int64_t>& row_strides, uintptr_t q_ptr, float threshold,
-                    uint64_t seed, uint64_t mask_seed, uintptr_t weights_ptr) {
+                    uint64_t seed, uint64_t mask_seed, uint32_t coin_stream,
+                    uint32_t mask_stream, uintptr_t weights_ptr, uintptr_t executed_ptr) {
   const DType dtype = dtype_from_code(dtype_code);
   const int64_t n_mod = static_cast<int64_t>(dims.size());
   const float* q = reinterpret_cast<const float*>(q_ptr);
@@ -91,9 +90,10 @@ void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uin
   }
   const float theta = total_dim > 0 ? weighted / static_cast<float>(total_dim) : 0.0f;
   const float inv = theta < 1.0f ? 1.0f / (1.0f - theta) : 0.0f;
-  const bool executed = uniform_open(block_words(seed, kStreamCoin, 0).w0) >= threshold;
+  const bool executed = uniform_open(block_words(seed, coin_stream, 0).w0) >= threshold;
+  if (executed_ptr != 0) *reinterpret_cast<uint8_t*>(executed_ptr) = executed ? 1 : 0;
 
-  // keep[m * batch + i]: whether row i of modality m survives (all rows when the coin says no);
+  // keep[m * batch + i]: whether row i of buffer m survives (all rows when the coin says no);
   // factor: what that row is multiplied by.
   const int64_t n_rows = n_mod * batch;
   const int64_t n_blocks = (n_rows + 3) / 4;
@@ -102,7 +102,7 @@ void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uin
   if (executed) {
 #pragma omp parallel for schedule(static) if (n_blocks >= kParallelBlocks)
     for (int64_t first = 0; first < n_blocks; first += kDrawChunk)
-      draw_keep(mask_seed, q, batch, n_rows, first, std::min(kDrawChunk, n_blocks - first),
+      draw_keep(mask_seed, mask_stream, q, batch, n_rows, first, std::min(kDrawChunk, n_blocks - first),
                 keep.data());
     for (int64_t k = 0; k < n_rows; ++k) factor[k] = keep[k] ? inv : 0.0f;
   }
@@ -132,7 +132,7 @@ void opm_drop_scale(const std::vector<uintptr_t>& in_ptrs, const std::vector<uin
 #pragma omp parallel for schedule(static) if (elements >= kParallelElements)
   for (int64_t w = 0; w < n_work; ++w) {
     const Work& item = work[w];
-    const int64_t m = item.modality;
+    const int64_t m = item.buffer;
     scale_rows_any(dtype, in_ptrs[m], out_ptrs[m], item.first_row, item.rows, dims[m],
                    row_strides[m], factor.data() + m * batch + item.first_row);
   }

@@ -1,10 +1,10 @@
-"""OPM drop + rescale over all modalities in one launch, plus the per-sample loss weights.
+"""Per-row drop + rescale over M row buffers in one launch, plus the per-row weights and the coin.
 
-Program p owns a [ROWS, COLS] tile of one modality (found from a table of each modality's first
-program); it draws the Philox uniforms of its ROWS rows (element m * B + i of the mask stream of
-`mask_seed`), the batch coin (element 0 of the coin stream of `seed`) and theta from q, and writes
-x * (coin ? keep * 1/(1 - theta) : 1). The same launch serves forward (features) and backward
-(output gradients): the factors are regenerated from the seed, never stored.
+Program p owns a [ROWS, COLS] tile of one buffer (found from a table of each buffer's first
+program); it draws the Philox uniforms of its ROWS rows (element m * B + i of `mask_stream` under
+`mask_seed`), the coin (element 0 of `coin_stream` under `seed`) and theta from q, and writes
+x * (coin ? keep * 1/(1 - theta) : 1). The same launch serves forward (inputs) and backward
+(output gradients): the factors are regenerated from the seeds, never stored.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ import triton.language as tl
 
 from .philox import uniform_open
 from .tables import TL_DTYPES, device_table
-
-# fastbml.rng.STREAM_COIN / STREAM_MASK (globals a jit function reads must be constexpr)
-STREAM_COIN = tl.constexpr(1)
-STREAM_MASK = tl.constexpr(2)
 
 
 @triton.jit
@@ -37,21 +33,22 @@ def _uniform_at(seed, stream, index):
 
 
 @triton.jit
-def _row_keep(mask_seed, q, m, batch, rows):
+def _row_keep(mask_seed, mask_stream, q, m, batch, rows):
     """keep[m, rows]: the Bernoulli(1 - q[m]) mask of those rows (True = kept)."""
     flat = rows.to(tl.int64) + m * batch  # M * B < 2**31
-    return _uniform_at(mask_seed, STREAM_MASK, flat) >= tl.load(q + m)
+    return _uniform_at(mask_seed, mask_stream, flat) >= tl.load(q + m)
 
 
 @triton.jit
-def _coin(seed, threshold, like):
-    """Whether the drop runs this step, broadcast to the shape of `like` (an int tensor)."""
-    return _uniform_at(seed, STREAM_COIN, tl.zeros_like(like).to(tl.int64)) >= threshold
+def _coin(seed, coin_stream, threshold, like):
+    """Whether the drop runs this call, broadcast to the shape of `like` (an int tensor)."""
+    return _uniform_at(seed, coin_stream, tl.zeros_like(like).to(tl.int64)) >= threshold
 
 
 @triton.jit(do_not_specialize=["batch", "n_mod"])
 def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog, q, n_mod, batch,
-                       total_dim, threshold, seed_ptr, mask_seed_ptr, DTYPE: tl.constexpr,
+                       total_dim, threshold, seed_ptr, mask_seed_ptr, coin_stream, mask_stream,
+                       DTYPE: tl.constexpr,
                        MP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                        ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
@@ -70,8 +67,8 @@ def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog,
     dims_all = tl.load(dim_table + mods, mask=mods < n_mod, other=0).to(tl.float32)
     theta = tl.sum(q_all * dims_all) / total_dim
     inv = tl.where(theta < 1.0, 1.0 / tl.maximum(1.0 - theta, 1e-30), 0.0)
-    keep = _row_keep(mask_seed, q, m, batch, rows)
-    factor = tl.where(_coin(seed, threshold, rows), tl.where(keep, inv, 0.0), 1.0)
+    keep = _row_keep(mask_seed, mask_stream, q, m, batch, rows)
+    factor = tl.where(_coin(seed, coin_stream, threshold, rows), tl.where(keep, inv, 0.0), 1.0)
 
     src = tl.load(in_table + m).to(tl.pointer_type(DTYPE))
     dst = tl.load(out_table + m).to(tl.pointer_type(DTYPE))
@@ -88,19 +85,21 @@ def _drop_scale_kernel(in_table, out_table, stride_table, dim_table, first_prog,
 
 
 @triton.jit(do_not_specialize=["batch", "n_mod"])
-def _weights_kernel(q, weights, n_mod, batch, threshold, seed_ptr, mask_seed_ptr,
-                    ROWS: tl.constexpr):
-    """One program: kappa_i = coin ? any_m keep[m, i] : 1, then weights = kappa / sum(kappa)."""
+def _weights_kernel(q, weights, executed_ptr, n_mod, batch, threshold, seed_ptr, mask_seed_ptr,
+                    coin_stream, mask_stream, ROWS: tl.constexpr):
+    """One program: the coin into executed_ptr, kappa_i = coin ? any_m keep[m, i] : 1, then
+    weights = kappa / sum(kappa)."""
     offs = tl.arange(0, ROWS)
     seed = tl.load(seed_ptr)
     mask_seed = tl.load(mask_seed_ptr)
-    executed = _coin(seed, threshold, offs)
+    executed = _coin(seed, coin_stream, threshold, offs)
+    tl.store(executed_ptr + offs, executed.to(tl.int8), mask=offs == 0)
     total = tl.zeros((ROWS,), tl.float32)
     for r0 in range(0, batch, ROWS):
         rows = r0 + offs
         kept = executed == 0
         for m in range(0, n_mod):
-            kept = kept | _row_keep(mask_seed, q, m, batch, rows)
+            kept = kept | _row_keep(mask_seed, mask_stream, q, m, batch, rows)
         kappa = tl.where(rows < batch, kept.to(tl.float32), 0.0)
         tl.store(weights + rows, kappa, mask=rows < batch)
         total += kappa
@@ -112,11 +111,13 @@ def _weights_kernel(q, weights, n_mod, batch, threshold, seed_ptr, mask_seed_ptr
         tl.store(weights + rows, w * norm, mask=rows < batch)
 
 
-def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+def row_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
                    q: torch.Tensor, *, threshold: float, seed: torch.Tensor,
-                   mask_seed: torch.Tensor, weights: torch.Tensor | None = None,
+                   mask_seed: torch.Tensor, coin_stream: int, mask_stream: int,
+                   weights: torch.Tensor | None = None, executed: torch.Tensor | None = None,
                    block: int | None = None) -> None:
-    """outputs[m] <- inputs[m] * factor[m, row] (see the module docstring); weights [B] if given.
+    """outputs[m] <- inputs[m] * factor[m, row] (see the module docstring); with `weights` and
+    `executed`, also the weights [B] and the coin (a bool scalar).
 
     inputs[m] is [B, d_m] with unit column stride (any row stride), outputs[m] a contiguous
     [B, d_m] tensor of the same dtype (may be inputs[m] itself); q is float32 [M] on the device;
@@ -140,10 +141,11 @@ def opm_drop_scale(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tenso
                                [x.stride(0) for x in inputs], dims, first], device)
         _drop_scale_kernel[(sum(programs),)](
             table[0], table[1], table[2], table[3], table[4], q, n_mod, batch,
-            float(max(sum(dims), 1)), threshold, seed, mask_seed, DTYPE=TL_DTYPES[inputs[0].dtype],
+            float(max(sum(dims), 1)), threshold, seed, mask_seed, coin_stream, mask_stream,
+            DTYPE=TL_DTYPES[inputs[0].dtype],
             MP=max(2, triton.next_power_of_2(n_mod)), ROWS=rows, COLS=cols, ALIGNED=aligned,
             num_warps=8 if block >= 4096 else 4)
-    if weights is not None and batch:
+    if weights is not None:
         weight_rows = 1024 if device.type == "cpu" else 256
-        _weights_kernel[(1,)](q, weights, n_mod, batch, threshold, seed, mask_seed, ROWS=weight_rows,
-                              num_warps=4)
+        _weights_kernel[(1,)](q, weights, executed.view(torch.int8), n_mod, batch, threshold, seed,
+                              mask_seed, coin_stream, mask_stream, ROWS=weight_rows, num_warps=4)
