@@ -66,7 +66,7 @@ def _implementations(device: torch.device, scale: str) -> dict:
     backends = ["torch"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
     for backend in backends + (["sklearn"] if scale != "Kinetics-400" else []):
         impls[fastbml_impl(backend)] = (
-            lambda x, y, k, b=backend: fastbml.cluster_purity(x, y, k, backend=b, seed=0))
+            lambda x, y, k, b=backend: fastbml.cluster_purity(x, y, k, kmeans=b, seed=0))
     return impls
 
 

@@ -62,9 +62,9 @@ def main() -> None:
             purities, strengths, seconds = [], [], 0.0
             for seed in range(args.seeds):
                 started = time.perf_counter()
-                p_train = cluster_purity(*train, args.k, backend=backend, seed=seed)
+                p_train = cluster_purity(*train, args.k, kmeans=backend, seed=seed)
                 seconds += time.perf_counter() - started
-                p_val = cluster_purity(*val, args.k, backend=backend, seed=seed)
+                p_val = cluster_purity(*val, args.k, kmeans=backend, seed=seed)
                 purities.append(p_train)
                 strengths.append(math.tanh(3.0 * abs(p_train - p_val)))
             lines.append(f"{kind:<10} {backend:<8} {spread(purities):<27} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -49,8 +50,21 @@ def integer(value: object, name: str, *, low: int = 0) -> int:
     ValueError naming `name`."""
     if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
             or value < low):
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
+
+
+def renamed_keyword(old: str, old_value: object, new: str, new_value: object,
+                    default: object) -> object:
+    """The value of keyword `new` when callers may still pass it under its old name `old`
+    (None: not passed): the old name works, with a DeprecationWarning, for one release."""
+    if old_value is None:
+        return new_value
+    if new_value != default:
+        raise TypeError(f"pass {new}= only ({old}= is its deprecated name)")
+    warnings.warn(f"{old}= is deprecated: use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 def check_plain(tensor: torch.Tensor, name: str) -> None:

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .purity import PURITY_BACKENDS, cluster_purity
+from ._checks import integer, renamed_keyword
+from .purity import check_kmeans, cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 
 Features = tuple[Mapping[str, torch.Tensor], torch.Tensor]
@@ -70,12 +71,6 @@ class FeatureLoader:
         return {m: torch.cat(v) for m, v in features.items()}, torch.cat(labels)
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class DiagnoseRelearn:
     """Drop-in Diagnosing & Re-learning.
 
@@ -97,27 +92,27 @@ class DiagnoseRelearn:
     Under DDP each rank passes its own shard of the features: purities come from a distributed
     k-means over all shards, and every rank applies the same re-initialisation toward rank 0's
     snapshot. `state_dict()` holds the snapshot, so a resumed run re-learns toward the same init.
+    `kmeans` picks the k-means implementation (`cluster_purity`; `kmeans_backend=` is its
+    deprecated name), `backend` the kernel tier of the re-initialisation.
     """
 
     def __init__(self, groups: Mapping[str, GroupSpec], *, every: int = 20, times: int = 3,
-                 lam: float = 3.0, n_clusters: int | None = None, kmeans_backend: str = "auto",
+                 lam: float = 3.0, n_clusters: int | None = None, kmeans: str = "auto",
                  n_init: int = 10, seed: int = 0, backend: str = "auto",
-                 process_group: object = distributed.GROUP_AUTO):
+                 process_group: object = distributed.GROUP_AUTO,
+                 kmeans_backend: str | None = None):
         if not isinstance(groups, Mapping) or not groups:
             raise ValueError("groups must map modality names to encoder modules or parameter "
                              "lists")
-        self.every = _positive_int(every, "every")
-        if isinstance(times, bool) or not isinstance(times, int) or times < 0:
-            raise ValueError(f"times must be an int >= 0, got {times!r}")
-        self.times = times
+        self.every = integer(every, "every", low=1)
+        self.times = integer(times, "times")
         relearn_strength(0.0, 0.0, lam)  # validates lam
         self.lam = float(lam)
-        self.n_clusters = None if n_clusters is None else _positive_int(n_clusters, "n_clusters")
-        self.n_init = _positive_int(n_init, "n_init")
-        if kmeans_backend not in (*PURITY_BACKENDS, "auto"):
-            raise ValueError(f"kmeans_backend must be one of {(*PURITY_BACKENDS, 'auto')}, got "
-                             f"{kmeans_backend!r}")
-        self.kmeans_backend, self.backend, self.seed = kmeans_backend, backend, int(seed)
+        self.n_clusters = None if n_clusters is None else integer(n_clusters, "n_clusters", low=1)
+        self.n_init = integer(n_init, "n_init", low=1)
+        self.kmeans = check_kmeans(renamed_keyword("kmeans_backend", kmeans_backend, "kmeans",
+                                                   kmeans, "auto"))
+        self.backend, self.seed = backend, int(seed)
         self.modalities = list(groups)
         self.params = [self._parameters(name, spec) for name, spec in groups.items()]
         owner: dict[int, str] = {}
@@ -170,7 +165,7 @@ class DiagnoseRelearn:
             k = int(top) + 1
         report = {}
         for m, xt, xv in zip(self.modalities, train_x, val_x):
-            purity = [cluster_purity(x, y, k, backend=self.kmeans_backend, seed=self.seed,
+            purity = [cluster_purity(x, y, k, kmeans=self.kmeans, seed=self.seed,
                                      n_init=self.n_init, num_classes=k,
                                      group=self.group)
                       for x, y in ((xt, train_y), (xv, val_y))]

@@ -1,7 +1,7 @@
 """D&R's diagnosis: how well k-means clusters of a modality's features match the labels (SPEC §3.2).
 
 purity = fraction of samples whose label is the majority label of their cluster, after scaling
-every feature column to [-1, 1] with the split's own min and max. k-means runs on one of:
+every feature column to [-1, 1] with the split's own min and max. k-means (`kmeans=`) runs on one of:
   - "faiss":   FAISS (GPU with faiss-gpu, CPU otherwise) on every point, from fastbml's
                k-means++ restarts;
   - "torch":   fastbml's device k-means (fastbml.kmeans); the only one that runs distributed;
@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .kmeans import initial_centroids, kmeans, mean_variance, squared_norms
+from ._checks import integer, renamed_keyword
+from .kmeans import initial_centroids, mean_variance, squared_norms
+from .kmeans import kmeans as device_kmeans
 
-PURITY_BACKENDS = ("faiss", "torch", "sklearn")
+KMEANS_IMPLEMENTATIONS = ("faiss", "torch", "sklearn")
 
 
 @functools.cache
@@ -33,22 +35,29 @@ def _faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def resolve_kmeans_backend(backend: str, device: torch.device, distributed_run: bool) -> str:
-    """The k-means backend for features on `device` ("auto" resolved, availability checked)."""
-    if backend not in (*PURITY_BACKENDS, "auto"):
-        raise ValueError(f"backend must be one of {(*PURITY_BACKENDS, 'auto')}, got {backend!r}")
-    if backend == "auto":
+def check_kmeans(kmeans: object) -> str:
+    """`kmeans` if it names a k-means implementation or "auto", else a ValueError."""
+    if kmeans not in (*KMEANS_IMPLEMENTATIONS, "auto"):
+        raise ValueError(f"kmeans must be one of {(*KMEANS_IMPLEMENTATIONS, 'auto')}, got "
+                         f"{kmeans!r}")
+    return kmeans
+
+
+def resolve_kmeans(kmeans: str, device: torch.device, distributed_run: bool) -> str:
+    """The k-means implementation for features on `device` ("auto" resolved, availability
+    checked)."""
+    if check_kmeans(kmeans) == "auto":
         return "faiss" if device.type == "cuda" and _faiss_gpus() > 0 and not distributed_run \
             else "torch"
-    if distributed_run and backend != "torch":
-        raise ValueError(f"backend {backend!r} cannot cluster features sharded over ranks; use "
+    if distributed_run and kmeans != "torch":
+        raise ValueError(f"kmeans {kmeans!r} cannot cluster features sharded over ranks; use "
                          "'torch' (or 'auto') for the distributed k-means")
-    if backend == "faiss" and _faiss_gpus() < 0:
-        raise RuntimeError("backend 'faiss' needs the faiss package: pip install faiss-cpu "
+    if kmeans == "faiss" and _faiss_gpus() < 0:
+        raise RuntimeError("kmeans 'faiss' needs the faiss package: pip install faiss-cpu "
                            "(or faiss-gpu)")
-    if backend == "sklearn" and importlib.util.find_spec("sklearn") is None:
-        raise RuntimeError("backend 'sklearn' needs scikit-learn: pip install scikit-learn")
-    return backend
+    if kmeans == "sklearn" and importlib.util.find_spec("sklearn") is None:
+        raise RuntimeError("kmeans 'sklearn' needs scikit-learn: pip install scikit-learn")
+    return kmeans
 
 
 def minmax_scale(x: torch.Tensor, group: object | None = None) -> torch.Tensor:
@@ -163,15 +172,18 @@ def _check_inputs(features: object, labels: object, n_clusters: object,
 
 
 def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int, *,
-                   backend: str = "auto", seed: int = 0, n_init: int = 10, max_iter: int = 300,
+                   kmeans: str = "auto", seed: int = 0, n_init: int = 10, max_iter: int = 300,
                    tol: float = 1e-4, num_classes: int | None = None,
-                   group: object = distributed.GROUP_AUTO) -> float:
+                   group: object = distributed.GROUP_AUTO, backend: str | None = None) -> float:
     """Purity of k-means clusters of `features` [N, D] against `labels` [N] (SPEC §3.2).
 
     Columns are min-max scaled to [-1, 1] first. Under torch.distributed each rank passes its
     shard and every rank gets the purity of the union (group=None: this process's data only).
     The restarts (`n_init`) make the value stable across seeds; `seed` fixes it exactly.
+    `kmeans` picks the k-means implementation (module docstring); `backend=` is its deprecated
+    name.
     """
+    kmeans = renamed_keyword("backend", backend, "kmeans", kmeans, "auto")
     group = distributed.resolve_group(group)
     found_classes, x, low, high = _check_inputs(features, labels, n_clusters, group)
     if num_classes is None:
@@ -180,15 +192,14 @@ def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int
         raise ValueError(f"labels go up to {found_classes - 1}, outside num_classes = "
                          f"{num_classes}")
     for name, value in (("n_init", n_init), ("max_iter", max_iter)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    backend = resolve_kmeans_backend(backend, features.device, group is not None)
+        integer(value, name, low=1)
+    kmeans = resolve_kmeans(kmeans, features.device, group is not None)
     x = _scale(x, low, high, group)
     labels = labels.to(torch.long)
-    if backend == "torch":
-        clusters = kmeans(x, n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
-                          group=group).labels
+    if kmeans == "torch":
+        clusters = device_kmeans(x, n_clusters, n_init=n_init, max_iter=max_iter, tol=tol,
+                                 seed=seed, group=group).labels
     else:
-        fit = _faiss_clusters if backend == "faiss" else _sklearn_clusters
+        fit = _faiss_clusters if kmeans == "faiss" else _sklearn_clusters
         clusters = fit(x, n_clusters, n_init, max_iter, tol, seed)
     return float(purity_from_clusters(clusters, labels, n_clusters, num_classes, group))

@@ -123,6 +123,15 @@ def test_refuses_the_test_split_and_bad_input():
         dr.load_state_dict(other.state_dict())
 
 
+def test_kmeans_backend_is_the_deprecated_name_of_kmeans():
+    enc = nn.Linear(3, 2)
+    with pytest.warns(DeprecationWarning, match="use kmeans="):
+        dr = fastbml.DiagnoseRelearn({"a": enc, "b": nn.Linear(3, 2)}, kmeans_backend="sklearn")
+    assert dr.kmeans == "sklearn"
+    with pytest.raises(ValueError, match="kmeans must be one of"):
+        fastbml.DiagnoseRelearn({"a": enc, "b": nn.Linear(3, 2)}, kmeans="cuml")
+
+
 def test_feature_loader_extracts_in_eval_mode_and_names_its_split():
     model = ThreeEncoders()
     model.train()

@@ -67,7 +67,7 @@ def test_purity_counts_majority_labels():
 ])
 def test_fast_backends_agree_with_sklearn_n_init_10(backend, k, options):
     x, y = blobs(1500, k, seed=k, **options)
-    got = fastbml.cluster_purity(x, y, k, backend=backend, seed=1)
+    got = fastbml.cluster_purity(x, y, k, kmeans=backend, seed=1)
     assert got == pytest.approx(reference_purity(x, y, k), abs=0.02)
 
 
@@ -75,14 +75,23 @@ def test_fast_backends_agree_with_sklearn_n_init_10(backend, k, options):
 @pytest.mark.parametrize("k", [7, 12])
 def test_stable_across_seeds(backend, k):
     x, y = blobs(2000, k, std=3.5, seed=100 + k)
-    purities = [fastbml.cluster_purity(x, y, k, backend=backend, seed=s) for s in range(4)]
+    purities = [fastbml.cluster_purity(x, y, k, kmeans=backend, seed=s) for s in range(4)]
     assert max(purities) - min(purities) <= 0.01, purities
 
 
 def test_sklearn_backend_is_the_reference():
     x, y = blobs(800, 5, noise=0.1, seed=3)
-    assert fastbml.cluster_purity(x, y, 5, backend="sklearn", seed=0) == pytest.approx(
+    assert fastbml.cluster_purity(x, y, 5, kmeans="sklearn", seed=0) == pytest.approx(
         reference_purity(x, y, 5), abs=1e-6)
+
+
+def test_backend_keyword_is_the_deprecated_name_of_kmeans():
+    x, y = blobs(300, 3, seed=4)
+    with pytest.warns(DeprecationWarning, match="use kmeans="):
+        old = fastbml.cluster_purity(x, y, 3, backend="torch", seed=2)
+    assert old == fastbml.cluster_purity(x, y, 3, kmeans="torch", seed=2)
+    with pytest.raises(TypeError, match="kmeans= only"):
+        fastbml.cluster_purity(x, y, 3, kmeans="torch", backend="sklearn")
 
 
 def test_same_seed_same_purity_and_labels_beyond_clusters():
@@ -122,7 +131,7 @@ def test_kmeans_from_given_centroids_is_deterministic():
     (lambda x, y: fastbml.cluster_purity(x[0], y, 3), r"features must be \[N, D\]"),
     (lambda x, y: fastbml.cluster_purity(x, y.float(), 3), "integer class indices"),
     (lambda x, y: fastbml.cluster_purity(x, y, 0), "n_clusters must be"),
-    (lambda x, y: fastbml.cluster_purity(x, y, 3, backend="cuml"), "backend must be"),
+    (lambda x, y: fastbml.cluster_purity(x, y, 3, kmeans="cuml"), "kmeans must be"),
     (lambda x, y: fastbml.cluster_purity(x, y, 3, n_init=0), "n_init must be"),
 ])
 def test_bad_input_is_named(call, message):
@@ -134,5 +143,5 @@ def test_bad_input_is_named(call, message):
 @pytest.mark.gpu
 def test_cuda_torch_backend_agrees_with_sklearn():
     x, y = blobs(3000, 10, std=3.0, noise=0.1, seed=21)
-    got = fastbml.cluster_purity(x.cuda(), y.cuda(), 10, backend="torch")
+    got = fastbml.cluster_purity(x.cuda(), y.cuda(), 10, kmeans="torch")
     assert got == pytest.approx(reference_purity(x, y, 10), abs=0.02)

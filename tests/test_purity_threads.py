@@ -15,7 +15,7 @@ SCRIPT = (
     "centers = torch.randn(31, 128, generator=g)\n"
     "labels = torch.randint(0, 31, (30000,), generator=g)\n"
     "x = centers[labels] + 4.0 * torch.randn(30000, 128, generator=g)\n"
-    "p = cluster_purity(x, labels, 31, seed=1, backend='torch')\n"
+    "p = cluster_purity(x, labels, 31, seed=1, kmeans='torch')\n"
     "torch.save({'purity': p, 'labels': kmeans(x, 31, seed=1).labels}, sys.argv[1])\n"
 )
 

@@ -7,11 +7,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+from .._checks import integer
 
 
 class MLPEncoder(nn.Module):
@@ -19,10 +15,10 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int = 128, hidden: int = 128, depth: int = 3):
         super().__init__()
-        _positive_int("in_dim", in_dim)
-        self.out_dim = _positive_int("out_dim", out_dim)
-        _positive_int("hidden", hidden)
-        _positive_int("depth", depth)
+        integer(in_dim, "in_dim", low=1)
+        self.out_dim = integer(out_dim, "out_dim", low=1)
+        integer(hidden, "hidden", low=1)
+        integer(depth, "depth", low=1)
         dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
         layers: list[nn.Module] = []
         for a, b in pairwise(dims):
@@ -42,16 +38,16 @@ class TransformerEncoder(nn.Module):
     def __init__(self, in_dim: int, max_len: int, d_model: int = 64, heads: int = 4,
                  layers: int = 2, dropout: float = 0.1):
         super().__init__()
-        self.in_dim = _positive_int("in_dim", in_dim)
-        self.max_len = _positive_int("max_len", max_len)
-        self.out_dim = _positive_int("d_model", d_model)
-        if d_model % _positive_int("heads", heads):
+        self.in_dim = integer(in_dim, "in_dim", low=1)
+        self.max_len = integer(max_len, "max_len", low=1)
+        self.out_dim = integer(d_model, "d_model", low=1)
+        if d_model % integer(heads, "heads", low=1):
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
         self.proj = nn.Linear(in_dim, d_model)
         self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
         nn.init.normal_(self.pos, std=0.02)
         layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout, batch_first=True)
-        self.blocks = nn.TransformerEncoder(layer, _positive_int("layers", layers),
+        self.blocks = nn.TransformerEncoder(layer, integer(layers, "layers", low=1),
                                             enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
