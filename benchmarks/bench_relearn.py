@@ -1,4 +1,4 @@
-"""D&R re-learning benchmark: soft re-initialisation of two ResNet-18 encoders (SPEC §3.3).
+"""D&R re-learning benchmark: soft re-initialisation of two ResNet-18 encoders (docs/methods.md#soft-re-initialisation).
 
 theta <- (1 - a_m) theta + a_m theta_init over every parameter (conv kernels and BN gamma/beta)
 of an audio (1-channel) and a visual (3-channel) ResNet-18, fp32:

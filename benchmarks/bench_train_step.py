@@ -60,7 +60,8 @@ def make_trainer(device: torch.device, method: str, out: str,
 
 
 def _original_ogm_ge(model, alpha: float):
-    """OGM-GE after backward as the OGM-GE repository's main.py does it (SPEC P1-P3)."""
+    """OGM-GE after backward as the OGM-GE repository's main.py does it
+    (docs/methods.md#reference-pitfalls)."""
     def after_backward(unimodal, labels, epoch):
         softmax = torch.nn.Softmax(dim=1)
         score_a = sum(softmax(unimodal["audio"])[i][labels[i]] for i in range(labels.shape[0]))

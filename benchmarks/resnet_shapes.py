@@ -1,4 +1,4 @@
-"""Parameter shapes of the audio-visual ResNet-18 encoders (SPEC §0.1), without building models."""
+"""Parameter shapes of the audio-visual ResNet-18 encoders (docs/methods.md#models-and-initialisation), without building models."""
 
 from __future__ import annotations
 

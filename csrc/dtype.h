@@ -9,7 +9,7 @@
 
 namespace fastbml {
 
-// Matches the codes fastbml/ops/_cpp.py passes for torch.float32 / bfloat16 / float16.
+// Matches the codes fastbml/ops/_multi_tensor.py (CPP_DTYPE_CODES) passes for torch.float32 / bfloat16 / float16.
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 inline DType dtype_from_code(int code) {

@@ -65,7 +65,7 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="settings of a reference repository (SPEC §4); flags override them")
+                        help="settings of a reference repository (docs/methods.md#reference-presets); flags override them")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint; the settings "
                              "must be those of the run, except --epochs, paths, --workers, "

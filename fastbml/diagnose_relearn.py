@@ -1,7 +1,8 @@
-"""`fastbml.DiagnoseRelearn`: the drop-in D&R helper for a training loop (ECCV 2024, SPEC §3).
+"""`fastbml.DiagnoseRelearn`: the drop-in D&R helper for a training loop (ECCV 2024;
+docs/methods.md#diagnosing-and-re-learning).
 
 It snapshots every encoder's initial parameters in memory at construction (no file in the
-working directory, SPEC P22), and every `every` epochs (at most `times` times) diagnoses each
+working directory, unlike the reference), and every `every` epochs (at most `times` times) diagnoses each
 modality on a train split and a held-out split (cluster purity of the pooled features) and pulls
 each encoder back toward its snapshot by tanh(lam * |purity gap|).
 """
@@ -188,7 +189,7 @@ class DiagnoseRelearn:
         """Diagnose and re-learn when due (see `due`); returns the report, or None."""
         if held_out_split == "test" or getattr(held_out, "split", None) == "test":
             raise ValueError("held_out must not be the test split: D&R diagnoses on data held "
-                             "out from training but disjoint from the test set (SPEC P31)")
+                             "out from training but disjoint from the test set (docs/methods.md#held-out-split)")
         self._sync_snapshot()  # at the first step, before any rank can start a collective alone
         if not self.due(epoch):
             return None

@@ -1,4 +1,4 @@
-"""OGM / OGM-GE: on-the-fly gradient modulation with generalisation-enhancing noise (SPEC §1).
+"""OGM / OGM-GE: on-the-fly gradient modulation with generalisation-enhancing noise (docs/methods.md#ogm-and-ogm-ge).
 
 After `loss.backward()`, each modality's encoder gradient is scaled by a coefficient that shrinks
 when that modality dominates the others (k_m < 1), and OGM-GE adds Gaussian noise with each

@@ -1,4 +1,4 @@
-"""OPM: on-the-fly prediction modulation (T-PAMI 2024, SPEC §2).
+"""OPM: on-the-fly prediction modulation (T-PAMI 2024; docs/methods.md#opm).
 
 In the forward pass, the pooled features of a dominant modality are dropped for random samples
 (before fusion) with a probability that grows with its dominance, and every feature is rescaled by
@@ -23,9 +23,8 @@ from .scores import modality_scores
 def opm_drop_probs(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
     """Per-modality drop probabilities q [M] (float32, detached) from the scores s [M].
 
-    rho_m = s_m / sum_{j != m} s_j (for M = 2, the ratio to the other modality: SPEC §2.2; for
-    M > 2 a modality dominates only if it beats the others together, the intended maths of
-    SPEC §2.5 without BalanceBenchmark's aliasing bug). Only a strictly dominant modality
+    rho_m = s_m / sum_{j != m} s_j (for M = 2, the ratio to the other modality; for M > 2 a
+    modality dominates only if it beats the others together: docs/methods.md#opm-with-n-modalities). Only a strictly dominant modality
     (rho_m > 1; an exact tie drops nothing) gets q_m = clip(q_base * (1 + lam * tanh(rho_m - 1)),
     0, 1); every other modality gets 0. Pure device math.
     """
@@ -133,7 +132,7 @@ class OPM(nn.Module):
         ogm.step(...)            # optional: OGM composes, after backward, as in the T-PAMI code
         optimizer.step()
 
-    Each training call scores the modalities on the batch with the uni-modal logits (SPEC §0.4;
+    Each training call scores the modalities on the batch with the uni-modal logits (docs/methods.md#scores;
     derive them from the head with fastbml.concat_unimodal_logits / sum_unimodal_logits), turns
     the scores into drop probabilities (`opm_drop_probs`) and applies `opm_drop` with probability
     `p_exe`. Features and logits are mappings keyed by modality name or sequences in the order of

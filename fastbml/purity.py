@@ -1,4 +1,5 @@
-"""D&R's diagnosis: how well k-means clusters of a modality's features match the labels (SPEC §3.2).
+"""D&R's diagnosis: how well k-means clusters of a modality's features match the labels
+(docs/methods.md#diagnosis).
 
 purity = fraction of samples whose label is the majority label of their cluster, after scaling
 every feature column to [-1, 1] with the split's own min and max. k-means (`kmeans=`) runs on one of:
@@ -175,7 +176,7 @@ def cluster_purity(features: torch.Tensor, labels: torch.Tensor, n_clusters: int
                    kmeans: str = "auto", seed: int = 0, n_init: int = 10, max_iter: int = 300,
                    tol: float = 1e-4, num_classes: int | None = None,
                    group: object = distributed.GROUP_AUTO, backend: str | None = None) -> float:
-    """Purity of k-means clusters of `features` [N, D] against `labels` [N] (SPEC §3.2).
+    """Purity of k-means clusters of `features` [N, D] against `labels` [N] (docs/methods.md#diagnosis).
 
     Columns are min-max scaled to [-1, 1] first. Under torch.distributed each rank passes its
     shard and every rank gets the purity of the union (group=None: this process's data only).

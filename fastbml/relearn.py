@@ -1,4 +1,5 @@
-"""D&R re-learning (Diagnosing & Re-learning, ECCV 2024; SPEC §3).
+"""D&R re-learning (Diagnosing & Re-learning, ECCV 2024;
+docs/methods.md#diagnosing-and-re-learning).
 
 Every few epochs D&R diagnoses how much each modality's encoder has over-fitted (the gap between
 the cluster purity of its features on train and on held-out data) and pulls that encoder back
@@ -28,7 +29,7 @@ Number = int | float
 
 def relearn_strength(purity_train: Number | torch.Tensor, purity_val: Number | torch.Tensor,
                      lam: float = 3.0) -> float | torch.Tensor:
-    """Re-initialisation strength a = tanh(lam * |purity_train - purity_val|) (SPEC §3.2).
+    """Re-initialisation strength a = tanh(lam * |purity_train - purity_val|) (docs/methods.md#re-learning-strength).
 
     Python numbers give a float (purities checked to lie in [0, 1]); if either purity is a
     tensor the result is a tensor on its device, computed without a host sync (unchecked).
@@ -117,7 +118,7 @@ def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
 
 def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.Tensor, *,
                  backend: str = "auto") -> None:
-    """D&R's soft re-initialisation, in place: theta <- (1 - a) theta + a theta_init (SPEC §3.3).
+    """D&R's soft re-initialisation, in place: theta <- (1 - a) theta + a theta_init (docs/methods.md#soft-re-initialisation).
 
     `params` is one encoder's parameters (a sequence of tensors, `strength` a number or 0-dim
     tensor) or one such sequence per modality (`strength` then a sequence or 1-D tensor with one

@@ -1,4 +1,5 @@
-"""Uni-modal logits from a fusion head: the per-modality predictions OGM and OPM score (SPEC §0.3).
+"""Uni-modal logits from a fusion head: the per-modality predictions OGM and OPM score
+(docs/methods.md#uni-modal-logits).
 
 The methods never train on these logits; they only compare how much probability each modality's
 part of the head gives the true class. Concat and sum heads split exactly into per-modality parts;
@@ -56,7 +57,7 @@ def concat_unimodal_logits(features: Sequence[torch.Tensor], weight: torch.Tenso
 def sum_unimodal_logits(features: Sequence[torch.Tensor],
                         linears: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """u_m = W_m f_m + b_m for a sum head z = sum_m linears[m](f_m): each modality keeps its full
-    own bias, as the OGM-GE training loop does (SPEC §0.3), so sum_m u_m == z."""
+    own bias, as the OGM-GE training loop does, so sum_m u_m == z."""
     features = _check_features(features)
     if isinstance(linears, nn.Module) or not isinstance(linears, Sequence):
         raise TypeError("linears must be a sequence of nn.Linear, one per modality")
@@ -77,7 +78,7 @@ def unimodal_logits(fusion: str, features: Sequence[torch.Tensor], *,
     `logits`, when given, are the user's own per-modality logits and win for every head.
     Otherwise concat needs the head's `weight`/`bias`, sum its per-modality `linears`; FiLM and
     gated heads raise a ValueError, because their output does not split into per-modality parts
-    (the reference code fails there with a matmul shape error; SPEC §0.3, P7).
+    (the reference code fails there with a matmul shape error; docs/methods.md#uni-modal-logits).
     """
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")

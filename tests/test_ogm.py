@@ -1,4 +1,4 @@
-"""OGM / OGM-GE: coefficients (SPEC §1.3, §1.7, §8), ogm_modulate_ on every backend, the helper."""
+"""OGM / OGM-GE: coefficients (docs/methods.md#ogm-coefficients), ogm_modulate_ on every backend, the helper."""
 
 import math
 

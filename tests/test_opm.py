@@ -1,4 +1,5 @@
-"""opm_drop / opm_drop_probs: every backend against the torch path and the definition (SPEC §2)."""
+"""opm_drop / opm_drop_probs: every backend against the torch path and the definition
+(docs/methods.md#opm)."""
 
 import math
 
@@ -300,7 +301,8 @@ def test_drop_probs_follow_spec_invariants():
     d = 512
     theta = (q * d).sum() / (2 * d)
     torch.testing.assert_close(1.0 / (1.0 - theta), torch.tensor(1.6, device=DEVICE))
-    # M = 2, rho = 2: the weak modality gets 0 (no BalanceBenchmark aliasing, SPEC P26).
+    # M = 2, rho = 2: the weak modality gets 0 (no BalanceBenchmark aliasing:
+    # docs/methods.md#opm-with-n-modalities).
     q = fastbml.opm_drop_probs(torch.tensor([2.0, 4.0], device=DEVICE), 0.4, 1.0)
     expected = 0.4 * (1 + math.tanh(1.0))
     torch.testing.assert_close(q, torch.tensor([0.0, expected], device=DEVICE))

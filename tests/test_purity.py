@@ -34,7 +34,7 @@ def blobs(n, k, *, std=2.5, dim=24, noise=0.0, dead=0, duplicates=0, seed=0):
 
 
 def reference_purity(x, y, k):
-    """The authors' pipeline with n_init pinned to 10 (SPEC P23): MinMaxScaler + KMeans."""
+    """The authors' pipeline with n_init pinned to 10 (docs/methods.md#diagnosis): MinMaxScaler + KMeans."""
     scaled = MinMaxScaler(feature_range=(-1, 1)).fit_transform(x.cpu().numpy())
     clusters = KMeans(n_clusters=k, n_init=10, random_state=0).fit(scaled).labels_
     labels = y.cpu().numpy()

@@ -1,4 +1,4 @@
-"""The RNG contract (DESIGN §4): Philox4x32-10, identical draws on every backend and blocking."""
+"""The RNG contract (docs/design.md#rng): Philox4x32-10, identical draws on every backend and blocking."""
 
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""D&R re-learning: relearn_strength (SPEC §3.2) and soft_reinit_ on every backend (§3.3, §8)."""
+"""D&R re-learning: relearn_strength and soft_reinit_ on every backend
+(docs/methods.md#soft-re-initialisation)."""
 
 import math
 

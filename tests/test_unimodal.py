@@ -1,4 +1,4 @@
-"""Uni-modal logits from concat and sum heads (SPEC §0.3); FiLM/gated need the user's logits."""
+"""Uni-modal logits from concat and sum heads (docs/methods.md#uni-modal-logits); FiLM/gated need the user's logits."""
 
 import pytest
 import torch

@@ -85,7 +85,7 @@ def build_encoder(spec: InputSpec, *, hidden: int = 128, feature_dim: int = 128)
 
 
 def reference_init_(model: nn.Module, style: str = "ogm") -> None:
-    """The init the reference mains apply after construction (SPEC §0.1).
+    """The init the reference mains apply after construction (docs/methods.md#models-and-initialisation).
 
     "ogm" (OGM-GE / T-PAMI): Linear Xavier-normal with zero bias, Conv2d Kaiming-normal
     (fan_out, ReLU), BatchNorm weight 1 and bias 0. "dr" (D&R): ResNet's own init kept

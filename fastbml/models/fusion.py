@@ -1,4 +1,4 @@
-"""Fusion heads, each exposing per-modality (uni-modal) logits the way SPEC §0.3 decides.
+"""Fusion heads, each exposing per-modality (uni-modal) logits (docs/methods.md#uni-modal-logits).
 
 * concat: z = W [f_1; ...; f_M] + b;  u_m = f_m W_m^T + b / M, so sum_m u_m = z exactly.
 * sum:    z = sum_m (W_m f_m + b_m);  u_m = W_m f_m + b_m (the reference training loop's split).
@@ -6,9 +6,9 @@
 * gated:  g = sigmoid(W_x f_x + b_x); z = W_o (g * (W_y f_y + b_y)) + b_o (x is the gate).
 
 Uni-modal logits carry no gradient: they are only scored and logged, never trained on.
-FiLM and gated logits do not split into modalities (SPEC P7), so those heads carry auxiliary
+FiLM and gated logits do not split into modalities, so those heads carry auxiliary
 per-modality linear heads on *detached* features: they read each encoder without feeding
-gradient back into it, so they change nothing in the multimodal training (SPEC §0: no method adds
+gradient back into it, so they change nothing in the multimodal training (no method here adds
 a uni-modal loss to the encoders); `auxiliary_loss` trains them.
 """
 
@@ -39,7 +39,7 @@ def _check_dims(dims: Mapping[str, int], num_classes: int) -> dict[str, int]:
 class FusionHead(nn.Module):
     """Base: `forward(features) -> fused logits [B, C]`; `unimodal_logits(features) -> {m: [B, C]}`.
 
-    The head is never modulated or re-initialised by any method (SPEC §0.1).
+    The head is never modulated or re-initialised by any method (docs/methods.md#models-and-initialisation).
     """
 
     has_auxiliary = False  # True when the uni-modal logits come from trained auxiliary heads

@@ -1,4 +1,4 @@
-"""ResNet-18 encoders of the audio-visual references (SPEC §0.1), written from scratch.
+"""ResNet-18 encoders of the audio-visual references (docs/methods.md#models-and-initialisation), written from scratch.
 
 One ResNet-18 trunk (BasicBlock [2, 2, 2, 2], widths 64/128/256/512); only the stem's input
 channels differ: 1 for a spectrogram, 3 for RGB frames, 2 for optical flow (x, y). Frame inputs

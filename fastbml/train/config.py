@@ -1,4 +1,5 @@
-"""Training configuration and the presets that reproduce each reference repository (SPEC §4)."""
+"""Training configuration and the presets that reproduce each reference repository
+(docs/methods.md#reference-presets)."""
 
 from __future__ import annotations
 
@@ -43,20 +44,20 @@ class TrainConfig:
     scheduler: str = "none"
     step_size: int = 70
     gamma: float = 0.1
-    # OGM / OGM-GE (SPEC §1)
+    # OGM / OGM-GE (docs/methods.md#ogm-and-ogm-ge)
     alpha: float = 0.8
     ogm_form: str = "paper"
     ogm_start: int = 0
     ogm_end: int | None = None
     conv_only: bool = False
-    # OPM (SPEC §2)
+    # OPM (docs/methods.md#opm)
     q_base: float = 0.5
     opm_lambda: float = 0.5
     p_exe: float = 0.7
     opm_start: int = 0
     opm_end: int | None = None
     warmup_epochs: int = 0       # T-PAMI's hard-coded warm-up, for OGM and OPM
-    # D&R (SPEC §3)
+    # D&R (docs/methods.md#diagnosing-and-re-learning)
     dr_every: int = 20
     dr_times: int = 3
     dr_lambda: float = 3.0
@@ -116,7 +117,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
 
 
-# Settings of each reference repository (SPEC §4); explicit flags override them.
+# Settings of each reference repository (docs/methods.md#reference-presets); explicit flags
+# override them.
 PRESETS: dict[str, dict] = {
     "ogm-ge-cvpr2022": dict(   # OGM-GE main.py, CREMA-D (README alpha 0.8); always SGD
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, scheduler="step",

@@ -238,7 +238,7 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
 
 def _versions() -> dict[str, str]:
     """Library versions that change results: scikit-learn's KMeans defaults changed in 1.4
-    (SPEC P23), so a D&R run records them."""
+    (docs/methods.md#diagnosis), so a D&R run records them."""
     import sklearn
 
     from .. import __version__
