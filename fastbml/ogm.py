@@ -16,6 +16,7 @@ from torch import nn
 
 from . import distributed, rng
 from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, finite_number
+from ._method import MethodScaffold
 from .ops._multi_tensor import check_disjoint
 from .ops.scale_noise import multi_tensor_scale_noise_
 from .scores import modality_scores
@@ -172,7 +173,7 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
 GroupSpec = nn.Module | Iterable[torch.Tensor]
 
 
-class OGM:
+class OGM(MethodScaffold):
     """Drop-in OGM / OGM-GE for a training loop.
 
         ogm = fastbml.OGM({"audio": model.audio_net, "visual": model.visual_net}, alpha=0.8)
@@ -205,21 +206,12 @@ class OGM:
             raise ValueError("groups must map at least two modality names to modules or "
                              "parameter lists")
         ogm_coefficients(torch.ones(2), alpha, form)  # validates alpha and form
-        for name, value in (("start", start), ("warmup_epochs", warmup_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
-            raise ValueError(f"end must be None or an int >= start ({start}), got {end!r}")
-        self.modalities = list(groups)
+        self._setup(list(groups), start=start, end=end, warmup_epochs=warmup_epochs, seed=seed,
+                    backend=backend, process_group=process_group)
         self.params = [self._select(name, spec, conv_only) for name, spec in groups.items()]
         _check_params(self.params)
         self._flat, self._scale_index = _flatten(self.params)
         self.alpha, self.form, self.noise = float(alpha), form, noise
-        self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
-        self.backend = backend
-        self.group = distributed.resolve_group(process_group)
-        self.seed = (rng.check_seed(seed) if seed is not None
-                     else distributed.shared_seed(rng.fresh_seed(), self.group))
         first = self._flat[0] if self._flat else None
         # The step counter lives on the device: a compiled step reads and increments it there,
         # so the graph is not specialised on the step number.
@@ -227,7 +219,6 @@ class OGM:
                                  device=first.device if first is not None else "cpu")
         self.last_scores: torch.Tensor | None = None
         self.last_coeffs: torch.Tensor | None = None
-        self._checked = False
         self._check_ranks()
 
     @staticmethod
@@ -242,34 +233,7 @@ class OGM:
 
     def active(self, epoch: int) -> bool:
         """Whether gradients are modulated in `epoch` (0-based)."""
-        return (epoch >= max(self.start, self.warmup_epochs)
-                and (self.end is None or epoch <= self.end))
-
-    def _ordered(self, logits) -> list[torch.Tensor]:
-        if isinstance(logits, Mapping):
-            if set(logits) != set(self.modalities):
-                raise ValueError(f"logits keys {sorted(logits)} do not match the modality groups "
-                                 f"{sorted(self.modalities)}")
-            return [logits[name] for name in self.modalities]
-        logits = list(logits)
-        if len(logits) != len(self.modalities):
-            raise ValueError(f"got logits for {len(logits)} modalities, expected "
-                             f"{len(self.modalities)} ({', '.join(self.modalities)})")
-        return logits
-
-    @property
-    def steps(self) -> int:
-        """Steps taken so far (reads the device counter: a host sync on CUDA)."""
-        return int(self._step)
-
-    def _check_ranks(self) -> None:
-        """Under DDP, every rank must agree on the configuration and the seed: checked at
-        construction and again at the first eager step after load_state_dict."""
-        if self.group is None:
-            self._checked = True
-        elif not self._checked and not torch.compiler.is_compiling():
-            distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OGM")
-            self._checked = True
+        return self.in_window(epoch)
 
     def step(self, logits: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
              labels: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -279,7 +243,7 @@ class OGM:
         an epoch (the step counter and the step's seed live on the device).
         """
         self._check_ranks()
-        scores = modality_scores(self._ordered(logits), labels, backend=self.backend)
+        scores = modality_scores(self._ordered(logits, "logits"), labels, backend=self.backend)
         distributed.all_reduce_sum_(scores, self.group)
         if self._step.device != scores.device:  # the model moved after construction
             self._step = self._step.to(scores.device)
@@ -304,9 +268,7 @@ class OGM:
                 "shapes": [[list(p.shape) for p in group] for group in self.params]}
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "steps": self.steps}
+        return self._counters()
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.seed = rng.check_seed(state["seed"])
-        self._step.fill_(int(state["steps"]))
-        self._checked = self.group is None
+        self._load_counters(state)

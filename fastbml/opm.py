@@ -11,11 +11,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import distributed, rng
-from ._checks import check_float_tensor, check_unit_range, finite_number, integer, probability
+from ._checks import check_float_tensor, check_unit_range, finite_number, probability
+from ._method import MethodScaffold
 from .ops.row_drop import row_drop
 from .scores import modality_scores
 
@@ -121,7 +121,7 @@ def opm_drop(features: Sequence[torch.Tensor], q: torch.Tensor | Sequence[float]
 Tensors = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
-class OPM(nn.Module):
+class OPM(MethodScaffold, nn.Module):
     """Drop-in OPM for a training loop: modulate the pooled features before the fusion head.
 
         opm = fastbml.OPM(["audio", "visual"], q_base=0.5, lam=0.5, p_exe=0.7)
@@ -165,24 +165,11 @@ class OPM(nn.Module):
         super().__init__()
         if isinstance(modalities, (str, bytes)) or not isinstance(modalities, Sequence):
             raise TypeError("modalities must be a sequence of modality names")
-        names = list(modalities)
-        if len(names) < 2 or len(set(names)) != len(names) or not all(
-                isinstance(n, str) for n in names):
-            raise ValueError(f"modalities must hold at least two distinct names, got {names!r}")
         self.q_base = probability(q_base, "q_base")
         self.lam = finite_number(lam, "lam", low=0.0)
         self.p_exe = probability(p_exe, "p_exe")
-        for name, value in (("start", start), ("warmup_epochs", warmup_epochs)):
-            integer(value, name)
-        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
-            raise ValueError(f"end must be None or an int >= start ({start}), got {end!r}")
-        self.modalities = names
-        self.start, self.end, self.warmup_epochs = start, end, warmup_epochs
-        self.backend = backend
-        self.group = distributed.resolve_group(process_group)
-        self.seed = (rng.check_seed(seed) if seed is not None
-                     else distributed.shared_seed(rng.fresh_seed(), self.group))
-        self._rank = dist.get_rank(self.group) if self.group is not None else 0
+        self._setup(modalities, start=start, end=end, warmup_epochs=warmup_epochs, seed=seed,
+                    backend=backend, process_group=process_group)
         # The call counter lives on the device (moved with the module): a compiled forward
         # reads and increments it there, so the graph is not specialised on the step number.
         self.register_buffer("_step", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -190,40 +177,11 @@ class OPM(nn.Module):
         self.last_q: torch.Tensor | None = None
         self._last_dims: list[int] = []
         self.last_executed: torch.Tensor | None = None  # the coin (device bool)
-        self._checked = False
         self._check_ranks()
-
-    @property
-    def steps(self) -> int:
-        """Training calls so far (reads the device counter: a host sync on CUDA)."""
-        return int(self._step)
-
-    def _check_ranks(self) -> None:
-        """Under DDP, every rank must agree on the configuration and the seed: checked at
-        construction and again at the first eager call after loading a state dict."""
-        if self.group is None:
-            self._checked = True
-        elif not self._checked and not torch.compiler.is_compiling():
-            distributed.check_same_on_all_ranks(self._config(), self.group, "fastbml.OPM")
-            self._checked = True
 
     def active(self, epoch: int) -> bool:
         """Whether features are modulated in `epoch` (0-based) while training."""
-        return (self.training and epoch >= max(self.start, self.warmup_epochs)
-                and (self.end is None or epoch <= self.end))
-
-    def _ordered(self, values: Tensors, name: str) -> list[torch.Tensor]:
-        if isinstance(values, Mapping):
-            if set(values) != set(self.modalities):
-                raise ValueError(f"{name} keys {sorted(values)} do not match the modalities "
-                                 f"{sorted(self.modalities)}")
-            return [values[m] for m in self.modalities]
-        if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
-            raise TypeError(f"{name} must be a mapping keyed by modality or a sequence of tensors")
-        if len(values) != len(self.modalities):
-            raise ValueError(f"got {name} for {len(values)} modalities, expected "
-                             f"{len(self.modalities)} ({', '.join(self.modalities)})")
-        return list(values)
+        return self.training and self.in_window(epoch)
 
     def forward(self, features: Tensors, logits: Tensors, labels: torch.Tensor,
                 epoch: int) -> tuple[Tensors, torch.Tensor]:
@@ -272,12 +230,10 @@ class OPM(nn.Module):
                 "window": [self.start, self.end, self.warmup_epochs]}
 
     def get_extra_state(self) -> dict:
-        return {"seed": self.seed, "steps": self.steps}
+        return self._counters()
 
     def set_extra_state(self, state: Mapping) -> None:
-        self.seed = rng.check_seed(state["seed"])
-        self._step.fill_(int(state["steps"]))
-        self._checked = self.group is None
+        self._load_counters(state)
 
     def extra_repr(self) -> str:
         return (f"modalities={self.modalities}, q_base={self.q_base}, lam={self.lam}, "
