@@ -2,7 +2,7 @@
 
 Nothing is downloaded; every split is a pure function of the seed. The two modalities carry
 independent, moderately informative evidence about the class (so together they beat either
-alone) but differ in how fast an encoder learns them (SYNTHETIC.md):
+alone) but differ in how fast an encoder learns them (docs/methods.md#reference-presets):
 
 * "audio" (fast): class mean + Gaussian noise, linearly separable up to the noise;
 * "visual" (slow): a class-dependent latent + noise, pushed through a fixed random mixing and a

@@ -140,7 +140,7 @@ PRESETS: dict[str, dict] = {
         gamma=0.1, batch_size=32, drop_last=True, epochs=30, alpha=0.3, ogm_start=10,
         ogm_end=80, q_base=0.4, opm_lambda=0.5, p_exe=0.7, opm_start=0, opm_end=80,
         dr_lambda=3.0, dr_every=15, dr_times=2, seed=42),
-    "demo": dict(              # the synthetic demo (SYNTHETIC.md's optimiser; reference method settings)
+    "demo": dict(              # the synthetic demo (docs/methods.md#reference-presets)
         dataset="synthetic", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
         scheduler="none", batch_size=64, epochs=20, alpha=0.8, q_base=0.5, opm_lambda=0.5,
         p_exe=0.7, dr_lambda=3.0, dr_every=5, dr_times=3, threads=1),
