@@ -1,7 +1,7 @@
 """Command line: `fastbml train ...` and `fastbml demo [--quick] [--out DIR]` (also `python -m fastbml`).
 
-`torchrun --nproc_per_node=N -m fastbml train ...` trains with DDP on N processes (README,
-"Multi-GPU and multi-node"); --batch-size is per process.
+`torchrun --nproc_per_node=N -m fastbml train ...` trains with DDP on N processes, and with
+`--fsdp` sharded with FSDP2 (README, "Multi-GPU and multi-node"); --batch-size is per process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import time
 
 from .data import dataset_names
 from .models import FUSIONS
-from .train.config import AMP_MODES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfig, make_config
+from .train.config import (
+    AMP_MODES,
+    FSDP_MIXED_PRECISION,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULERS,
+    TrainConfig,
+    make_config,
+)
 
 _HELP = {
     "dataset": f"dataset name: {', '.join(dataset_names())}",
@@ -38,6 +46,12 @@ _HELP = {
                     "CPU), nccl or gloo",
     "workers": "DataLoader worker processes per process (default: the cores available to "
                "this process divided among the node's ranks, at most 16; 0 below 2)",
+    "fsdp": "shard each encoder and the fusion head with FSDP2 (fully_shard) instead of DDP; "
+            "checkpoints become torch.distributed.checkpoint directories (*.dcp) that resume "
+            "on any number of processes; without torchrun: one process (nothing sharded)",
+    "fsdp_mixed_precision": "with --fsdp: " + ", ".join(FSDP_MIXED_PRECISION) + " (bf16: "
+                            "parameters all-gathered and used in bf16, gradients reduced in "
+                            "fp32; replaces --amp)",
     "prefetch": "batches each DataLoader worker loads ahead",
     "threads": "torch CPU threads", "backend": "fastbml kernel backend: auto, torch, cpp, triton",
     "compile": "torch.compile the training forward (OPM included) and the OGM step",
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     created, rank = False, 0
     try:
         cfg = make_config(args.preset, **values)
-        created = setup_distributed(cfg.device, cfg.dist_backend)
+        created = setup_distributed(cfg.device, cfg.dist_backend, single_process=cfg.fsdp)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         summary = Trainer(cfg, resume=args.resume).fit()
     except (ValueError, FileNotFoundError, NonFiniteLossError) as exc:

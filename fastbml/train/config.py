@@ -15,6 +15,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 ON_NONFINITE = ("stop", "skip")  # what a non-finite training loss does
+FSDP_MIXED_PRECISION = ("none", "bf16")  # --fsdp-mixed-precision: FSDP2's MixedPrecisionPolicy
 # The float settings: each must be a finite number in [low, high] (None: unbounded).
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
@@ -75,6 +76,8 @@ class TrainConfig:
     compile_mode: str = "default"   # torch.compile mode (Inductor): see COMPILE_MODES
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" generates no code
     dist_backend: str = "auto"  # torchrun launches: nccl on CUDA, gloo on CPU
+    fsdp: bool = False           # shard encoders and head with FSDP2 (fully_shard) instead of DDP
+    fsdp_mixed_precision: str = "none"  # bf16: all-gather and compute in bf16, reduce in fp32
     out: str = "runs/train"
     tensorboard: bool = True
     plots: bool = True
@@ -83,7 +86,7 @@ class TrainConfig:
     def __post_init__(self):
         choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "amp": AMP_MODES,
                    "dist_backend": DIST_BACKENDS, "compile_mode": COMPILE_MODES,
-                   "on_nonfinite": ON_NONFINITE}
+                   "on_nonfinite": ON_NONFINITE, "fsdp_mixed_precision": FSDP_MIXED_PRECISION}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -115,6 +118,14 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
                 raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+        if self.fsdp_mixed_precision != "none" and not self.fsdp:
+            raise ValueError(f"fsdp_mixed_precision {self.fsdp_mixed_precision!r} needs fsdp "
+                             "(--fsdp); without it use amp (--amp bf16)")
+        if self.fsdp and self.amp != "none":
+            raise ValueError(f"amp {self.amp!r} does not combine with fsdp: under FSDP2 mixed "
+                             "precision is the sharding's policy (--fsdp-mixed-precision bf16: "
+                             "parameters all-gathered and used in bf16, gradients reduced in "
+                             "fp32); fp16 loss scaling is not supported with sharded gradients")
 
 
 # Settings of each reference repository (docs/methods.md#reference-presets); explicit flags

@@ -27,6 +27,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import (
@@ -43,7 +52,7 @@ from .. import distributed, rng
 from ..data import FileDataset, Splits, TensorDataset, load_dataset
 from ..data.batch import SeededSampler, default_workers, prepare_batch
 from ..data.encoded import collate
-from ..models import build_model
+from ..models import MultimodalClassifier, build_model
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
@@ -91,19 +100,23 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def setup_distributed(device: str = "auto", backend: str = "auto") -> bool:
+def setup_distributed(device: str = "auto", backend: str = "auto", *,
+                      single_process: bool = False) -> bool:
     """Join the process group that `torchrun` describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT); True when this call created it.
 
     Nothing happens when a group is already initialised or the variables are absent (a plain
-    single-process run). backend "auto" is nccl when this rank trains on CUDA, else gloo; on
-    CUDA the process's device is set to cuda:LOCAL_RANK first. Any failure is a ValueError that
-    says what to fix.
+    single-process run), unless `single_process`: then a group of this one process is created
+    (what FSDP2 runs on without torchrun). backend "auto" is nccl when this rank trains on CUDA,
+    else gloo; on CUDA the process's device is set to cuda:LOCAL_RANK first. Any failure is a
+    ValueError that says what to fix.
     """
     if dist.is_available() and dist.is_initialized():
         return False
     present = [k for k in _TORCHRUN_ENV if k in os.environ]
     if "RANK" not in present and "WORLD_SIZE" not in present:
+        if single_process:
+            return _single_process_group(device, backend)
         return False
     missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
     if missing:
@@ -141,6 +154,22 @@ def setup_distributed(device: str = "auto", backend: str = "auto") -> bool:
         raise ValueError(f"distributed launch: could not set up the {backend} process group "
                          f"(rank {rank} of {world}, master {where}): {type(exc).__name__}: "
                          f"{exc}") from exc
+    return True
+
+
+def _single_process_group(device: str, backend: str) -> bool:
+    """A process group of this process alone (an in-memory store: no port, no environment)."""
+    if not dist.is_available():
+        raise ValueError("--fsdp: this PyTorch build has no torch.distributed")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise ValueError("--fsdp: the nccl backend needs CUDA devices; use --dist-backend gloo "
+                         "to train on CPU")
+    if cuda and device not in ("auto", "cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 
@@ -189,6 +218,24 @@ class _TrainForward(nn.Module):
         unimodal = model.head.unimodal_logits(features)
         fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
         return model.head(fused_in), unimodal, weights
+
+
+def shard_model(model: MultimodalClassifier, device: torch.device,
+                mixed_precision: str = "none") -> None:
+    """FSDP2 over the default group's ranks (docs/design.md#distributed-training): each encoder
+    and the fusion head become a `fully_shard` unit, the model the root. Their parameters turn
+    into DTensors sharded on dim 0; the units are all-gathered around their forward and their
+    gradients reduce-scattered after backward. `encode` and the head's `unimodal_logits` are
+    registered as forward methods, so the split forward the methods need (OPM between the
+    encoders and the head) all-gathers like `forward`. mixed_precision "bf16": parameters are
+    all-gathered and used in bf16, gradients reduced in fp32 (the shards stay fp32)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    for unit in [*model.encoders.values(), model.head, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "encode")
+    register_fsdp_forward_method(model.head, "unimodal_logits")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,11 +321,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, splits: Splits | None = None, *, resume: bool = False):
         self.cfg = cfg
-        self.created_group = setup_distributed(cfg.device, cfg.dist_backend)
+        self.created_group = setup_distributed(cfg.device, cfg.dist_backend,
+                                               single_process=cfg.fsdp)
         ranked = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if ranked else 0
         self.world = dist.get_world_size() if ranked else 1
         self.distributed = self.world > 1
+        self.fsdp = cfg.fsdp  # FSDP2 on the group's ranks (one process: a group of one)
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg.device)
         if self.distributed:
@@ -303,6 +352,8 @@ class Trainer:
         self.model = build_model(inputs, info.num_classes, fusion=cfg.fusion,
                                  init=cfg.init, hidden=cfg.hidden,
                                  feature_dim=cfg.feature_dim).to(self.device)
+        if self.fsdp:  # before the helpers and the optimiser take the (now sharded) parameters
+            shard_model(self.model, self.device, cfg.fsdp_mixed_precision)
         self.methods = MethodStack(cfg, self.model, info.num_classes, self.device)
         self.optimizer = _build_optimizer(cfg, self.model.parameters())
         self.scheduler = _build_scheduler(cfg, self.optimizer)
@@ -330,15 +381,17 @@ class Trainer:
             self._release_directory()
             raise
         # The training forward; wrapped in DDP (which broadcasts rank 0's state) only when
-        # there is more than one rank, so a single process runs exactly the plain module.
+        # there is more than one rank and no FSDP, so a single process runs exactly the plain
+        # module.
         forward = _TrainForward(self.model, self.methods)
         self.ddp: DistributedDataParallel | None = None
-        if self.distributed:
+        if self.distributed and not self.fsdp:
             self.ddp = DistributedDataParallel(
                 forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._forward = forward.forward if self.ddp is None else self.ddp
-        # --compile: one graph for the forward (DDP splits its graph at its gradient buckets)
-        self._forward = compiled(cfg, self._forward, fullgraph=self.ddp is None)
+        # --compile: one graph for the forward (DDP splits its graph at its gradient buckets,
+        # FSDP2's hooks at each sharded module)
+        self._forward = compiled(cfg, self._forward, fullgraph=self.ddp is None and not self.fsdp)
         self.logger = RunLogger(self.run_dir, history, tensorboard=cfg.tensorboard,
                                 write=self.is_main)
 
@@ -386,10 +439,13 @@ class Trainer:
             sampler = self.train_sampler = _ShardSampler(
                 dataset, num_replicas=self.world, rank=self.rank, seed=cfg.seed)
         elif self.distributed:
-            shard = range(self.rank, len(dataset), self.world)
-            sampler = list(shard)
+            # rows rank, rank + W, ..., padded with row 0 to the same count on every rank: the
+            # ranks run the same number of forwards (FSDP's all-gathers are collectives)
+            shard = list(range(self.rank, len(dataset), self.world))
+            shard += [0] * (-(-len(dataset) // self.world) - len(shard))
+            sampler = shard
             if not isinstance(dataset, (TensorDataset, FileDataset)):
-                dataset, sampler = Subset(dataset, list(shard)), None
+                dataset, sampler = Subset(dataset, shard), None
         if isinstance(dataset, TensorDataset):
             if sampler is None:
                 sampler = (RandomSampler(dataset, generator=self.loader_gen) if shuffle
@@ -531,9 +587,9 @@ class Trainer:
     def _outputs(self, dataset: Dataset, *, gather: bool = True):
         """Fused logits, labels, uni-modal logits and pooled features over a split (eval mode).
 
-        Under DDP each rank runs rows rank, rank + W, ... of the split; with `gather` the
-        logits and labels of all ranks are gathered back into split order (the features, for
-        D&R, always stay this rank's shard).
+        Under DDP and FSDP each rank runs rows rank, rank + W, ... of the split (and padding,
+        dropped here); with `gather` the logits and labels of all ranks are gathered back into
+        split order (the features, for D&R, always stay this rank's shard).
         """
         self.model.eval()
         logits, labels = [], []
@@ -556,13 +612,17 @@ class Trainer:
                 unimodal[m].append(torch.zeros(0, c, device=self.device))
                 features[m].append(torch.zeros(0, self.model.encoders[m].out_dim,
                                                device=self.device))
-        cat = torch.cat
+        keep = len(range(self.rank, len(dataset), self.world))  # this rank's rows, unpadded
+
+        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts)[:keep]
+
         logits, labels = cat(logits), cat(labels)
         unimodal = {m: cat(v) for m, v in unimodal.items()}
         features = {m: cat(v) for m, v in features.items()}
         if self.distributed and gather:
             # one all-gather: [fused | uni-modal ... | label] rows (labels exact in float32)
-            packed = cat([logits, *unimodal.values(), labels[:, None].float()], dim=1)
+            packed = torch.cat([logits, *unimodal.values(), labels[:, None].float()], dim=1)
             packed = _gather_rows(packed, len(dataset), self.world)
             parts = packed.split([logits.shape[1], *(u.shape[1] for u in unimodal.values()), 1],
                                  dim=1)
@@ -610,13 +670,10 @@ class Trainer:
             self.seconds += record["seconds"]
             if self.best is None or record["val_acc"] > self.best["val_acc"]:
                 self.best = {"epoch": epoch, "val_acc": record["val_acc"]}
-                if self.is_main:
-                    ckpt.save({"model": self.model.state_dict(), "epoch": epoch},
-                              self.run_dir / BEST, previous=self.run_dir / BEST_PREVIOUS)
+                self._save_best(epoch)
             self.logger.log(record)
             self.start_epoch = epoch + 1
-            if self.is_main:
-                self._save_checkpoint()
+            self._save_checkpoint()
         if self.start_epoch < cfg.epochs:
             self.logger.close()
             if self.distributed:
@@ -627,11 +684,7 @@ class Trainer:
     def _finish(self) -> dict:
         if self.cfg.plots and self.logger.history and self.is_main:
             plot_history(self.logger.history, self.modalities, self.run_dir / "curves.png")
-        if self.is_main:
-            best = ckpt.load(self.run_dir / BEST, map_location=self.device)
-            self.model.load_state_dict(best["model"])
-        if self.distributed:  # rank 0 read the best model: every rank evaluates it on test
-            distributed.broadcast_(list(self.model.state_dict().values()), dist.group.WORLD)
+        self._load_best()
         best_epoch = self.best["epoch"]
         val_record = self.logger.history[best_epoch - self.logger.history[0]["epoch"]]
         summary = {
@@ -651,16 +704,60 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- checkpoints
+    def _path(self, name: str) -> Path:
+        """Where checkpoint `name` lives: a file, or under --fsdp a sharded directory (.dcp)."""
+        return self.run_dir / (Path(name).with_suffix(".dcp").name if self.fsdp else name)
+
+    def _read_state(self, path: Path) -> dict:
+        """The verified checkpoint at `path` (of a sharded one: its host state), on the CPU."""
+        return ckpt.load_sharded_state(path) if self.fsdp else ckpt.load(path)
+
+    def _sharded_state(self, *, model_only: bool = False) -> dict:
+        """Under --fsdp: the state dicts DCP writes and fills in place (parameters and optimiser
+        state as this rank's DTensor shards; the helpers' state, which may hold shards too)."""
+        if model_only:
+            return {"model": get_model_state_dict(self.model)}
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer, "methods": self.methods.state_dict()}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and buffers as whole tensors, on every rank (under --fsdp a
+        collective that gathers the shards)."""
+        if not self.fsdp:
+            return self.model.state_dict()
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
+    def _save_best(self, epoch: int) -> None:
+        path, previous = self._path(BEST), self._path(BEST_PREVIOUS)
+        if self.fsdp:
+            ckpt.save_sharded(self._sharded_state(model_only=True), {"epoch": epoch}, path,
+                              previous=previous)
+        elif self.is_main:
+            ckpt.save({"model": self.model.state_dict(), "epoch": epoch}, path,
+                      previous=previous)
+
+    def _load_best(self) -> None:
+        """The best epoch's model into self.model, on every rank."""
+        path = self._path(BEST)
+        if self.fsdp:  # rank 0 verifies it, every rank reads its shards
+            _on_rank0(lambda: ckpt.load_sharded_state(path), self.distributed, self.device)
+            tensors = self._sharded_state(model_only=True)
+            ckpt.load_sharded(tensors, path)
+            set_model_state_dict(self.model, tensors["model"])
+            return
+        if self.is_main:
+            self.model.load_state_dict(ckpt.load(path, map_location=self.device)["model"])
+        if self.distributed:  # rank 0 read the best model: every rank evaluates it on test
+            distributed.broadcast_(list(self.model.state_dict().values()), dist.group.WORLD)
+
     def _save_checkpoint(self) -> None:
-        """Rank 0 writes it; all of it is replicated on the ranks (model, optimiser, method
-        state, history), the data order comes from (seed, epoch): any world size can resume."""
+        """A collective. Model, optimiser and method state are replicated on the ranks (under
+        --fsdp sharded, and written by every rank with DCP), the rest is rank 0's, the data order
+        comes from (seed, epoch): any world size can resume."""
         state = {
             "epoch": self.start_epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "methods": self.methods.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "best": self.best,
@@ -669,21 +766,33 @@ class Trainer:
             "config": config_dict(self.cfg),
             "world_size": self.world,
         }
-        ckpt.save(state, self.run_dir / CHECKPOINT, previous=self.run_dir / PREVIOUS)
+        path, previous = self._path(CHECKPOINT), self._path(PREVIOUS)
+        if self.fsdp:
+            ckpt.save_sharded(self._sharded_state(), state, path, previous=previous)
+        elif self.is_main:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                         methods=self.methods.state_dict())
+            ckpt.save(state, path, previous=previous)
 
     def _read_checkpoint(self) -> tuple[dict, Path]:
         """Rank 0: the verified last checkpoint, or (with a warning) the previous one when the
         last is damaged; the best checkpoint it refers to is verified too."""
-        path, previous = self.run_dir / CHECKPOINT, self.run_dir / PREVIOUS
-        if not path.is_file() and not previous.is_file():
+        path, previous = self._path(CHECKPOINT), self._path(PREVIOUS)
+        if not path.exists() and not previous.exists():
+            other = self.run_dir / (CHECKPOINT if self.fsdp else Path(CHECKPOINT).with_suffix(
+                ".dcp").name)
+            if other.exists():
+                raise ValueError(f"--resume: {other} is the checkpoint of a run "
+                                 f"{'without' if self.fsdp else 'with'} --fsdp; resume it "
+                                 f"{'without' if self.fsdp else 'with'} --fsdp")
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         try:
-            state = ckpt.load(path)  # on the CPU (the RNG state must be there)
+            state = self._read_state(path)  # on the CPU (the RNG state must be there)
         except ckpt.CheckpointError as exc:
-            if not previous.is_file():
+            if not previous.exists():
                 raise ckpt.CheckpointError(f"--resume: {exc}") from None
             try:
-                state = ckpt.load(previous)
+                state = self._read_state(previous)
             except ckpt.CheckpointError as prev_exc:
                 raise ckpt.CheckpointError(f"--resume: {exc}; and {prev_exc}") from None
             warnings.warn(f"--resume: {exc}; resuming from the previous checkpoint {previous} "
@@ -699,20 +808,19 @@ class Trainer:
         return state, path
 
     def _check_best(self, epoch: int, path: Path, *, fallback: bool) -> None:
-        """Verify that checkpoint_best.pt holds `epoch`, the best epoch `path` refers to; after
+        """Verify that the best checkpoint holds `epoch`, the best epoch `path` refers to; after
         a fallback to the previous checkpoint, the previous best may be the one."""
-        best_path, best_prev = self.run_dir / BEST, self.run_dir / BEST_PREVIOUS
+        best_path, best_prev = self._path(BEST), self._path(BEST_PREVIOUS)
         try:
-            found = ckpt.load(best_path).get("epoch")
+            found = self._read_state(best_path).get("epoch")
         except ckpt.CheckpointError as exc:
             if not fallback:
                 raise ckpt.CheckpointError(f"--resume: {exc}") from None
             found = None
         if found == epoch:
             return
-        if fallback and best_prev.is_file() and ckpt.load(best_prev).get("epoch") == epoch:
-            os.replace(ckpt.sidecar(best_prev), ckpt.sidecar(best_path))
-            os.replace(best_prev, best_path)
+        if fallback and best_prev.exists() and self._read_state(best_prev).get("epoch") == epoch:
+            ckpt.move(best_prev, best_path)
             return
         raise ckpt.CheckpointError(f"--resume: {best_path} holds epoch {found}, but {path} "
                                    f"expects the best epoch {epoch}")
@@ -729,13 +837,20 @@ class Trainer:
             kind, message = state
             raise (FileNotFoundError if kind == "missing" else ValueError)(message)
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:  # every rank reads its shards (of any world size's checkpoint)
+                tensors = self._sharded_state()
+                ckpt.load_sharded(tensors, path)
+                set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                               optim_state_dict=tensors["optimizer"])
+                self.methods.load_state_dict(tensors["methods"])
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.methods.load_state_dict(state["methods"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
-            self.methods.load_state_dict(state["methods"])
             torch.set_rng_state(state["rng"]["torch"])
             if state["rng"]["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
