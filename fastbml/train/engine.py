@@ -362,6 +362,8 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self._lock = None
         _on_rank0(self._take_directory, self.distributed, self.device)
+        if self.fsdp and self.distributed:
+            self._share_directory()
         self.loader_gen = torch.Generator()
         self.train_sampler: _ShardSampler | None = None
         self.augment_seeds: SeededSampler | None = None
@@ -412,6 +414,19 @@ class Trainer:
                              f"holds {self.run_dir / LOCK}); wait for it to end or choose "
                              "another --out") from None
         self._lock = lock
+
+    def _share_directory(self) -> None:
+        """Under FSDP every rank writes its shards into rank 0's run directory: take its path,
+        and check that every rank sees it (a file system the ranks share)."""
+        box = [str(self.run_dir.resolve())]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        self.run_dir = Path(box[0])
+        unseen = torch.tensor([0 if (self.run_dir / LOCK).is_file() else 1], device=self.device)
+        dist.all_reduce(unseen)
+        if unseen:
+            raise ValueError(f"--fsdp: {int(unseen)} rank(s) cannot see rank 0's --out "
+                             f"{self.run_dir}: the sharded checkpoints are written there by every "
+                             "rank, so it must be on a file system all ranks share")
 
     def _release_directory(self) -> None:
         if getattr(self, "_lock", None) is not None:
