@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -212,10 +213,15 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 
 def load_sharded(tensors: dict, path: Path, group: dist.ProcessGroup | None = None) -> None:
     """Collective: fill `tensors` (state dicts of this run's layout, DTensors sharded on any
-    number of ranks) in place from sharded checkpoint `path`."""
+    number of ranks) in place from sharded checkpoint `path`. Without a process group it reads
+    whole tensors (plain state dicts: a sharded run's model in one process)."""
     try:
         dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
-                 process_group=group)
-    except Exception as exc:  # DCP wraps rank failures (CheckpointException)
-        raise CheckpointError(f"checkpoint {path} cannot be read safely or does not fit: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                 process_group=group, no_dist=not (dist.is_available() and dist.is_initialized()))
+    except (Exception, CheckpointException) as exc:
+        if isinstance(exc, CheckpointException):  # the ranks' failures, with tracebacks
+            causes = {f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()}
+        else:
+            causes = {f"{type(exc).__name__}: {exc}"}
+        raise CheckpointError(f"checkpoint {path} cannot be read safely or does not fit this "
+                              f"run: {'; '.join(sorted(causes))}") from None

@@ -1,0 +1,273 @@
+"""`fastbml train --fsdp` (FSDP2 on gloo, 2 CPU processes): the same run as DDP up to float
+rounding, sharded parameters, DCP checkpoints that resume on another world size, refusals."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_utils import run_ranks, values
+from torch.distributed.tensor import DTensor
+
+from fastbml.data import SyntheticConfig, make_synthetic
+from fastbml.train import Trainer, make_config
+from fastbml.train import checkpoint as ckpt
+
+TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)  # uneven eval shards
+TINY_OPTIONS = (("n_train", 192), ("n_val", 95), ("n_test", 93))
+BATCH = 32
+METHODS = ("joint", "opm")
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _cfg(out, **kw):
+    values = dict(epochs=2, batch_size=BATCH, hidden=32, feature_dim=32, progress=False,
+                  out=str(out), threads=1, tensorboard=False, plots=False)
+    values.update(kw)
+    return make_config("demo", **values)
+
+
+def _out(base, name, rank):
+    """Rank 0's --out is base/name; the others are given their own, which FSDP replaces by
+    rank 0's (it must stay absent)."""
+    return Path(base) / (name if rank == 0 else f"{name}-rank{rank}")
+
+
+def _timeless(value):
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return {k: v for k, v in value.items() if k not in ("seconds", "train_seconds", "versions")}
+
+
+def _whole(trainer):
+    """A copy of the model's whole state (full_state_dict may alias the parameters)."""
+    return {k: v.clone() for k, v in trainer.full_state_dict().items()}
+
+
+class Recording(Trainer):
+    """Keeps the whole trained weights (before _finish loads the best epoch's model)."""
+
+    def _finish(self):
+        self.trained = _whole(self)
+        return super()._finish()
+
+
+def _optimizer_state(trainer):
+    """The optimiser's momentum buffers as whole tensors, by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(trainer.model, trainer.optimizer,
+                                    options=StateDictOptions(full_state_dict=True))
+    return {k: v["momentum_buffer"].clone() for k, v in full["state"].items()}
+
+
+def _cut_state(trainer):
+    """What a resume must restore: weights, momentum, method state."""
+    return {"weights": _whole(trainer), "momentum": _optimizer_state(trainer),
+            "methods": trainer.methods.state_dict()}
+
+
+def fsdp_job(rank, world, base):
+    splits = make_synthetic(0, TINY)
+    out = {}
+    for method in METHODS:
+        for fsdp in (False, True):
+            name = f"{method}-{'fsdp' if fsdp else 'ddp'}"
+            trainer = Recording(_cfg(_out(base, name, rank), method=method, fsdp=fsdp), splits)
+            weight = trainer.model.head.fc.weight
+            summary = trainer.fit()
+            out[name] = {"summary": summary, "history": trainer.logger.history,
+                         "trained": trainer.trained, "best": _whole(trainer),
+                         "val": trainer.evaluate(splits.val), "ddp": trainer.ddp is not None,
+                         "sharded": isinstance(weight, DTensor) and
+                         weight.to_local().shape[0] < weight.shape[0]}
+    # bf16 mixed precision: computed in bf16, shards and gradients stay fp32
+    mp = Trainer(_cfg(_out(base, "bf16", rank), method="opm", fsdp=True, epochs=1,
+                      fsdp_mixed_precision="bf16"), splits)
+    seen = []
+    mp.model.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    mp.fit()
+    out["bf16"] = {"logits": set(seen), "shards": {p.dtype for p in mp.model.parameters()},
+                   "grads": {p.grad.dtype for p in mp.model.parameters() if p.grad is not None}}
+    # killed after one epoch of three on 2 ranks; resumed on 1 process below
+    cut = Trainer(_cfg(_out(base, "w2cut", rank), method="opm", fsdp=True, epochs=3), splits)
+    out["w2cut"] = {"fit": cut.fit(until_epoch=1), **_cut_state(cut)}
+    # the parent's 1-process checkpoint, resumed on 2 ranks
+    resumed = Recording(_cfg(_out(base, "w1cut", rank), method="opm", fsdp=True, epochs=3,
+                             dataset_options=dict(TINY_OPTIONS)), splits, resume=True)
+    out["w1cut"] = {"start": resumed.start_epoch, **_cut_state(resumed),
+                    "summary": resumed.fit(), "trained": resumed.trained,
+                    "history": resumed.logger.history}
+    return out
+
+
+def resume_job(rank, world, base):
+    """The 2-rank cut, continued on `world` (1) process."""
+    resumed = Recording(_cfg(Path(base) / "w2cut", method="opm", fsdp=True, epochs=3),
+                        make_synthetic(0, TINY), resume=True)
+    state = {"start": resumed.start_epoch, "world": resumed.world, **_cut_state(resumed)}
+    return {**state, "summary": resumed.fit(), "history": resumed.logger.history}
+
+
+def _cli(args, **kw):
+    """`python -m fastbml train ...` as a fresh process without a distributed launch."""
+    for key, value in TINY_OPTIONS:
+        args += ["--dataset-option", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, env=env,
+                          cwd=Path(__file__).parents[1], **kw)
+
+
+_TRAIN = ["train", "--preset", "demo", "--method", "opm", "--batch-size", str(BATCH),
+          "--hidden", "32", "--feature-dim", "32", "--no-progress", "--no-tensorboard",
+          "--no-plots", "--threads", "1", "--fsdp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fsdp")
+    # one process, no torchrun: FSDP2 on a group of one; killed after epoch 0 of 3
+    done = _cli([sys.executable, "-m", "fastbml", *_TRAIN, "--epochs", "1",
+                 "--out", str(base / "w1cut")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = base / "w1cut" / "checkpoint_last.dcp" / ckpt.STATE
+    saved = torch.load(state, weights_only=True)
+    saved["config"]["epochs"] = 3  # as if it had been run with --epochs 3 and stopped
+    ckpt.save(saved, state)
+    shutil.copytree(state.parent, base / "w1cut-saved.dcp")  # the 2-rank resume replaces it
+    ranks = values(run_ranks(fsdp_job, str(base)))
+    return base, ranks, done
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp_equals_ddp(fsdp, method):
+    """Same seed, same data order: FSDP2's reduce-scatter gives DDP's averaged gradients, so
+    metrics and weights agree up to float rounding, and both ranks hold the same model."""
+    _, (r0, r1), _ = fsdp
+    ddp, sharded = r0[f"{method}-ddp"], r0[f"{method}-fsdp"]
+    assert ddp["ddp"] and not sharded["ddp"] and sharded["sharded"]
+    for name, tensor in ddp["trained"].items():
+        torch.testing.assert_close(sharded["trained"][name], tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sharded["best"][name], ddp["best"][name], rtol=1e-5,
+                                   atol=1e-6)
+        assert torch.equal(sharded["trained"][name], r1[f"{method}-fsdp"]["trained"][name])
+    assert sharded["summary"]["best_epoch"] == ddp["summary"]["best_epoch"]
+    for got, want in zip(_timeless(sharded["history"]), _timeless(ddp["history"])):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert _timeless(sharded["summary"])["test"] == pytest.approx(ddp["summary"]["test"],
+                                                                  abs=1e-6)
+    assert sharded["val"] == pytest.approx(ddp["val"], abs=1e-6)
+    assert _timeless(sharded["summary"]) == _timeless(r1[f"{method}-fsdp"]["summary"])
+
+
+def test_fsdp_writes_sharded_checkpoints_into_rank0_out(fsdp):
+    base, _, _ = fsdp
+    run = base / "opm-fsdp"
+    assert not (base / "opm-fsdp-rank1").exists()
+    assert not (run / "checkpoint_last.pt").exists()
+    for name in ("checkpoint_last.dcp", "checkpoint_prev.dcp", "checkpoint_best.dcp"):
+        files = sorted(p.name for p in (run / name).iterdir())
+        assert files == [".metadata", ckpt.MANIFEST, "__0_0.distcp", "__1_0.distcp",
+                         ckpt.STATE, ckpt.STATE + ".sha256"], name
+    state = ckpt.load_sharded_state(run / "checkpoint_last.dcp")
+    assert state["world_size"] == 2 and state["epoch"] == 2 and state["config"]["fsdp"]
+    assert json.loads((run / "summary.json").read_text())["method"] == "opm"
+
+
+def test_fsdp_bf16_mixed_precision(fsdp):
+    _, (r0, r1), _ = fsdp
+    for rank in (r0, r1):
+        assert rank["bf16"] == {"logits": {torch.bfloat16}, "shards": {torch.float32},
+                                "grads": {torch.float32}}
+
+
+def test_fsdp_without_torchrun_runs_on_one_process(fsdp):
+    base, _, done = fsdp
+    summary = json.loads(done.stdout)
+    assert summary["method"] == "opm"
+    assert ckpt.load_sharded_state(base / "w1cut-saved.dcp")["world_size"] == 1
+    assert [p.name for p in (base / "w1cut-saved.dcp").glob("*.distcp")] == ["__0_0.distcp"]
+
+
+def test_resume_two_ranks_on_one_process(fsdp):
+    base, (r0, r1), _ = fsdp
+    assert r0["w2cut"]["fit"] == {} == r1["w2cut"]["fit"]
+    (one,) = values(run_ranks(resume_job, str(base), world=1))
+    assert one["world"] == 1 and one["start"] == 1
+    saved = r0["w2cut"]
+    for key in ("weights", "momentum"):
+        for name, tensor in saved[key].items():
+            assert torch.equal(one[key][name], tensor), (key, name)
+    assert one["methods"] == saved["methods"]
+    assert [r["epoch"] for r in one["history"]] == [0, 1, 2]
+    assert one["summary"]["best_epoch"] in (0, 1, 2)
+    assert ckpt.load_sharded_state(base / "w2cut" / "checkpoint_last.dcp")["world_size"] == 1
+
+
+def test_resume_one_process_on_two_ranks(fsdp):
+    base, (r0, r1), _ = fsdp
+    a, b = r0["w1cut"], r1["w1cut"]
+    assert a["start"] == b["start"] == 1
+    # the 1-process checkpoint read back without any process group, into plain tensors
+    plain = Trainer(_cfg(base / "plain"), make_synthetic(0, TINY))
+    tensors = {"model": plain.model.state_dict()}
+    ckpt.load_sharded(tensors, base / "w1cut-saved.dcp")
+    plain.close()
+    for name, tensor in tensors["model"].items():
+        assert torch.equal(a["weights"][name], tensor), name
+    for key in ("weights", "momentum", "trained"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert a["methods"] == b["methods"]
+    assert [r["epoch"] for r in a["history"]] == [0, 1, 2]
+    assert _timeless(a["summary"]) == _timeless(b["summary"])
+
+
+def test_fsdp_refusals(tmp_path, fsdp):
+    base, _, _ = fsdp
+    with pytest.raises(ValueError, match=r"amp .bf16. does not combine with fsdp.*"
+                                         "--fsdp-mixed-precision bf16"):
+        _cfg(tmp_path, fsdp=True, amp="bf16")
+    with pytest.raises(ValueError, match="fsdp_mixed_precision 'bf16' needs fsdp"):
+        _cfg(tmp_path, fsdp_mixed_precision="bf16")
+    with pytest.raises(ValueError, match="fsdp_mixed_precision must be one of"):
+        _cfg(tmp_path, fsdp=True, fsdp_mixed_precision="fp16")
+    # a sharded run's directory resumed without --fsdp (and a DDP one with it)
+    with pytest.raises(ValueError, match=r"checkpoint_last.dcp is the checkpoint of a run with "
+                                         "--fsdp; resume it with --fsdp"):
+        Trainer(_cfg(base / "opm-fsdp", method="opm"), make_synthetic(0, TINY), resume=True)
+    done = _cli([sys.executable, "-m", "fastbml", *_TRAIN, "--resume",
+                 "--out", str(base / "opm-ddp")])
+    assert done.returncode == 2
+    assert "checkpoint_last.pt is the checkpoint of a run without --fsdp" in done.stderr
+
+
+def test_damaged_or_crafted_sharded_checkpoints_are_refused(tmp_path, fsdp):
+    base, _, _ = fsdp
+    copy = tmp_path / "copy.dcp"
+    shutil.copytree(base / "opm-fsdp" / "checkpoint_last.dcp", copy)
+    shard = copy / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF])
+                      + data[len(data) // 2 + 1:])
+    with pytest.raises(ckpt.CheckpointError, match=r"__1_0\.distcp is missing or does not match"):
+        ckpt.load_sharded_state(copy)
+    (copy / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="has no SHA256SUMS"):
+        ckpt.load_sharded_state(copy)
+    # a .metadata that would run code when unpickled: refused before anything runs
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (copy / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        ckpt.load_sharded({"model": {}}, copy)
+    assert not marker.exists()
