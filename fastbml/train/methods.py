@@ -62,7 +62,8 @@ class MethodStack:
                                    start=cfg.ogm_start, end=cfg.ogm_end,
                                    warmup_epochs=cfg.warmup_epochs, seed=seed,
                                    conv_only=cfg.conv_only, backend=cfg.backend)
-            self._ogm_step = compiled(cfg, self.ogm.step)
+            # the sharded (DTensor) step is eager: it reads each shard's layout on the host
+            self._ogm_step = self.ogm.step if cfg.fsdp else compiled(cfg, self.ogm.step)
         if "opm" in self.parts:
             self.opm = fastbml.OPM(modalities, q_base=cfg.q_base, lam=cfg.opm_lambda,
                                    p_exe=cfg.p_exe, start=cfg.opm_start, end=cfg.opm_end,
