@@ -271,3 +271,18 @@ def test_damaged_or_crafted_sharded_checkpoints_are_refused(tmp_path, fsdp):
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
         ckpt.load_sharded({"model": {}}, copy)
     assert not marker.exists()
+
+
+def test_torchrun_cli_fsdp_two_ranks(tmp_path):
+    """`torchrun --nproc_per_node=2 -m fastbml train --fsdp --fsdp-mixed-precision bf16`: one
+    summary printed, a 2-rank sharded checkpoint in rank 0's --out."""
+    out = tmp_path / "run"
+    done = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node=2", "-m", "fastbml", *_TRAIN, "--fsdp-mixed-precision",
+                 "bf16", "--epochs", "1", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)                  # rank 0 alone printed it
+    assert summary["method"] == "opm" and summary["best_epoch"] == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    state = ckpt.load_sharded_state(out / "checkpoint_last.dcp")
+    assert state["world_size"] == 2 and state["config"]["fsdp_mixed_precision"] == "bf16"

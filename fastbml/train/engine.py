@@ -13,6 +13,10 @@ permutation (`cfg.batch_size` per rank: the global batch is world x batch_size),
 sharded and gathered so the metrics are those of the whole split, and rank 0 alone writes logs,
 plots and checkpoints. Checkpoints hold no world-size-dependent state: a run resumes on any
 number of ranks. With one process none of this runs (no wrapper, no collective).
+
+With `cfg.fsdp` (`--fsdp`) the model is sharded with FSDP2 instead (`shard_model`), on one
+process too, and checkpoints are DCP directories every rank writes its shards into
+(docs/design.md#distributed-training); DCP re-shards them for any number of ranks.
 """
 
 from __future__ import annotations
