@@ -21,7 +21,10 @@ from fastbml.train import checkpoint as ckpt
 TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)  # uneven eval shards
 TINY_OPTIONS = (("n_train", 192), ("n_val", 95), ("n_test", 93))
 BATCH = 32
-METHODS = ("joint", "opm")
+# each method's settings for a 2-epoch run, and what it logs
+METHODS = {"joint": {}, "opm": {}}
+LOGGED = {"opm": "drop_prob_audio", "ogm-ge": "coeff_audio", "dr": "relearn_audio"}
+CUT = dict(method="opm", epochs=3)  # the runs resumed on another world size
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -66,19 +69,47 @@ def _optimizer_state(trainer):
     return {k: v["momentum_buffer"].clone() for k, v in full["state"].items()}
 
 
+def _plain(value):
+    """`value` with every DTensor replaced by its whole tensor (picklable, comparable)."""
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def _cut_state(trainer):
-    """What a resume must restore: weights, momentum, method state."""
+    """What a resume must restore: weights, momentum, method state (whole tensors)."""
     return {"weights": _whole(trainer), "momentum": _optimizer_state(trainer),
-            "methods": trainer.methods.state_dict()}
+            "methods": _plain(trainer.methods.state_dict())}
+
+
+def _assert_same(a, b, where=""):
+    """Nested containers of tensors and values, equal exactly."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def fsdp_job(rank, world, base):
     splits = make_synthetic(0, TINY)
     out = {}
-    for method in METHODS:
+    for method, options in METHODS.items():
         for fsdp in (False, True):
             name = f"{method}-{'fsdp' if fsdp else 'ddp'}"
-            trainer = Recording(_cfg(_out(base, name, rank), method=method, fsdp=fsdp), splits)
+            trainer = Recording(_cfg(_out(base, name, rank), method=method, fsdp=fsdp,
+                                     **options), splits)
             weight = trainer.model.head.fc.weight
             summary = trainer.fit()
             out[name] = {"summary": summary, "history": trainer.logger.history,
@@ -95,10 +126,10 @@ def fsdp_job(rank, world, base):
     out["bf16"] = {"logits": set(seen), "shards": {p.dtype for p in mp.model.parameters()},
                    "grads": {p.grad.dtype for p in mp.model.parameters() if p.grad is not None}}
     # killed after one epoch of three on 2 ranks; resumed on 1 process below
-    cut = Trainer(_cfg(_out(base, "w2cut", rank), method="opm", fsdp=True, epochs=3), splits)
+    cut = Trainer(_cfg(_out(base, "w2cut", rank), fsdp=True, **CUT), splits)
     out["w2cut"] = {"fit": cut.fit(until_epoch=1), **_cut_state(cut)}
     # the parent's 1-process checkpoint, resumed on 2 ranks
-    resumed = Recording(_cfg(_out(base, "w1cut", rank), method="opm", fsdp=True, epochs=3,
+    resumed = Recording(_cfg(_out(base, "w1cut", rank), fsdp=True, **CUT,
                              dataset_options=dict(TINY_OPTIONS)), splits, resume=True)
     out["w1cut"] = {"start": resumed.start_epoch, **_cut_state(resumed),
                     "summary": resumed.fit(), "trained": resumed.trained,
@@ -108,8 +139,8 @@ def fsdp_job(rank, world, base):
 
 def resume_job(rank, world, base):
     """The 2-rank cut, continued on `world` (1) process."""
-    resumed = Recording(_cfg(Path(base) / "w2cut", method="opm", fsdp=True, epochs=3),
-                        make_synthetic(0, TINY), resume=True)
+    resumed = Recording(_cfg(Path(base) / "w2cut", fsdp=True, **CUT), make_synthetic(0, TINY),
+                        resume=True)
     state = {"start": resumed.start_epoch, "world": resumed.world, **_cut_state(resumed)}
     return {**state, "summary": resumed.fit(), "history": resumed.logger.history}
 
@@ -123,21 +154,22 @@ def _cli(args, **kw):
                           cwd=Path(__file__).parents[1], **kw)
 
 
-_TRAIN = ["train", "--preset", "demo", "--method", "opm", "--batch-size", str(BATCH),
-          "--hidden", "32", "--feature-dim", "32", "--no-progress", "--no-tensorboard",
-          "--no-plots", "--threads", "1", "--fsdp"]
+_TRAIN = ["train", "--preset", "demo", "--batch-size", str(BATCH), "--hidden", "32",
+          "--feature-dim", "32", "--no-progress", "--no-tensorboard", "--no-plots", "--threads",
+          "1", "--fsdp"]
+_CUT_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in CUT.items() if k != "epochs"]
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
     # one process, no torchrun: FSDP2 on a group of one; killed after epoch 0 of 3
-    done = _cli([sys.executable, "-m", "fastbml", *_TRAIN, "--epochs", "1",
+    done = _cli([sys.executable, "-m", "fastbml", *_TRAIN, *_CUT_FLAGS, "--epochs", "1",
                  "--out", str(base / "w1cut")])
     assert done.returncode == 0, done.stderr[-3000:]
     state = base / "w1cut" / "checkpoint_last.dcp" / ckpt.STATE
     saved = torch.load(state, weights_only=True)
-    saved["config"]["epochs"] = 3  # as if it had been run with --epochs 3 and stopped
+    saved["config"]["epochs"] = CUT["epochs"]  # as if it had been run so and stopped
     ckpt.save(saved, state)
     shutil.copytree(state.parent, base / "w1cut-saved.dcp")  # the 2-rank resume replaces it
     ranks = values(run_ranks(fsdp_job, str(base)))
@@ -162,6 +194,8 @@ def test_fsdp_equals_ddp(fsdp, method):
     assert _timeless(sharded["summary"])["test"] == pytest.approx(ddp["summary"]["test"],
                                                                   abs=1e-6)
     assert sharded["val"] == pytest.approx(ddp["val"], abs=1e-6)
+    if method in LOGGED:  # the method did act
+        assert any(LOGGED[method] in record for record in sharded["history"])
     assert _timeless(sharded["summary"]) == _timeless(r1[f"{method}-fsdp"]["summary"])
 
 
@@ -189,7 +223,7 @@ def test_fsdp_bf16_mixed_precision(fsdp):
 def test_fsdp_without_torchrun_runs_on_one_process(fsdp):
     base, _, done = fsdp
     summary = json.loads(done.stdout)
-    assert summary["method"] == "opm"
+    assert summary["method"] == CUT["method"]
     assert ckpt.load_sharded_state(base / "w1cut-saved.dcp")["world_size"] == 1
     assert [p.name for p in (base / "w1cut-saved.dcp").glob("*.distcp")] == ["__0_0.distcp"]
 
@@ -203,7 +237,7 @@ def test_resume_two_ranks_on_one_process(fsdp):
     for key in ("weights", "momentum"):
         for name, tensor in saved[key].items():
             assert torch.equal(one[key][name], tensor), (key, name)
-    assert one["methods"] == saved["methods"]
+    _assert_same(one["methods"], saved["methods"])
     assert [r["epoch"] for r in one["history"]] == [0, 1, 2]
     assert one["summary"]["best_epoch"] in (0, 1, 2)
     assert ckpt.load_sharded_state(base / "w2cut" / "checkpoint_last.dcp")["world_size"] == 1
@@ -223,7 +257,7 @@ def test_resume_one_process_on_two_ranks(fsdp):
     for key in ("weights", "momentum", "trained"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
-    assert a["methods"] == b["methods"]
+    _assert_same(a["methods"], b["methods"])
     assert [r["epoch"] for r in a["history"]] == [0, 1, 2]
     assert _timeless(a["summary"]) == _timeless(b["summary"])
 
@@ -278,7 +312,7 @@ def test_torchrun_cli_fsdp_two_ranks(tmp_path):
     summary printed, a 2-rank sharded checkpoint in rank 0's --out."""
     out = tmp_path / "run"
     done = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node=2", "-m", "fastbml", *_TRAIN, "--fsdp-mixed-precision",
+                 "--nproc_per_node=2", "-m", "fastbml", *_TRAIN, "--method", "opm", "--fsdp-mixed-precision",
                  "bf16", "--epochs", "1", "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)                  # rank 0 alone printed it
