@@ -318,9 +318,11 @@ class Trainer:
     from cfg.out/checkpoint_last.pt.
 
     Under torchrun the Trainer joins the process group itself (`setup_distributed`; the caller
-    may destroy it afterwards), or uses one the caller initialised. With 2+ ranks, `fit`,
-    `evaluate` and the constructor are collectives: every rank calls them, and every rank gets
-    the same metrics and summary (rank 0 alone writes files).
+    may destroy it afterwards), or uses one the caller initialised; with `cfg.fsdp` and no
+    launch it creates a group of its one process (`created_group` says so). With 2+ ranks (and
+    under FSDP), `fit`, `evaluate`, `full_state_dict` and the constructor are collectives: every
+    rank calls them, and every rank gets the same metrics and summary (rank 0 alone writes
+    files).
     """
 
     def __init__(self, cfg: TrainConfig, splits: Splits | None = None, *, resume: bool = False):
