@@ -236,7 +236,6 @@ class AGM(MethodScaffold):
     def step(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
              logits: torch.Tensor, labels: torch.Tensor, epoch: int) -> torch.Tensor:
         """Score the modalities on this batch and modulate the gradients; returns k [M]."""
-        self._check_ranks()
         if not self.active(epoch):
             self.last_coeffs = torch.ones_like(self.running)
             return self.last_coeffs
@@ -245,6 +244,7 @@ class AGM(MethodScaffold):
     def update(self, subset_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """From the subset outputs: scores, k, the running scores, and k_m applied to encoder
         m's gradients; returns k [M]."""
+        self._check_ranks()
         sums = agm_score_sums(subset_logits, labels, len(self.modalities), backend=self.backend)
         if self.running.device != sums.device:  # the model moved after construction
             self.running, self._step = self.running.to(sums.device), self._step.to(sums.device)
