@@ -197,6 +197,8 @@ class AGM(MethodScaffold):
         # n (the running mean's count) and t live on the device: no step number reaches the host
         self._step = torch.zeros((), dtype=torch.int64, device=device)
         self.running = torch.zeros(len(self.modalities), dtype=torch.float32, device=device)
+        self._masks = subset_masks(len(self.modalities))[:-1].to(device)  # the proper subsets
+        self._no_seed = torch.zeros((), dtype=torch.int64, device=device)  # the scale draws nothing
         self.last_scores: torch.Tensor | None = None
         self.last_coeffs: torch.Tensor | None = None
         self._check_ranks()
@@ -220,7 +222,9 @@ class AGM(MethodScaffold):
             if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] != batch:
                 raise ValueError(f"inputs[{m!r}] must be a tensor with the batch ({batch}) "
                                  "first")
-        masks = subset_masks(len(xs))[:-1].to(logits.device)  # the proper subsets
+        if self._masks.device != logits.device:
+            self._masks = self._masks.to(logits.device)
+        masks = self._masks
         modules = self.encoders + ([self.head] if isinstance(self.head, nn.Module) else [])
         with _eval_mode(modules):
             mixed = {}
@@ -248,6 +252,7 @@ class AGM(MethodScaffold):
         sums = agm_score_sums(subset_logits, labels, len(self.modalities), backend=self.backend)
         if self.running.device != sums.device:  # the model moved after construction
             self.running, self._step = self.running.to(sums.device), self._step.to(sums.device)
+            self._no_seed = self._no_seed.to(sums.device)
         count = torch.full((1,), subset_logits.shape[1], dtype=torch.float32, device=sums.device)
         totals = distributed.all_reduce_sum_(torch.cat([sums, count]), self.group)
         scores = totals[:-1] / totals[-1:].clamp(min=1.0)
@@ -257,7 +262,7 @@ class AGM(MethodScaffold):
         self._step.add_(1)
         grads, scale_index = _grads_of(self.params, self._flat, self._scale_index, coeffs.device)
         _check_grads_disjoint(self.params, self._flat, grads)
-        multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=False, seed=0,
+        multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=False, seed=self._no_seed,
                                   backend=self.backend)
         self.last_scores, self.last_coeffs = scores, coeffs
         return coeffs

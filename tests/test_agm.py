@@ -334,6 +334,27 @@ def test_update_compiles_fullgraph_to_one_graph_and_equals_eager():
     assert counter.frame_count == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_step_makes_no_host_sync(backend):
+    model = make_model(3)
+    agm = fastbml.AGM({m: model.encoders[m] for m in model.modalities}, model.head,
+                      backend=backend)
+    for step in range(2):  # the first one warms up (kernels compiled, tables built)
+        inputs, labels = make_batch(3)
+        out = model(inputs)
+        model.zero_grad()
+        nn.functional.cross_entropy(out.logits, labels).backward()
+        torch.cuda.synchronize()
+        if step:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            agm.step(inputs, out.logits, labels, epoch=0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 def test_update_on_meta_tensors_makes_no_host_sync():
     """Any .item()/.cpu() on a meta tensor raises: the update must stay shape-only."""
     meta = torch.device("meta")
