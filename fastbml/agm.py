@@ -229,12 +229,12 @@ class AGM(MethodScaffold):
         with _eval_mode(modules):
             mixed = {}
             for j, (m, enc, x) in enumerate(zip(self.modalities, self.encoders, xs)):
-                both = enc(torch.cat([x, torch.zeros_like(x[:1])]))  # [B + 1, d]: x, then zero
+                both = enc(torch.cat([x, x.new_zeros((1, *x.shape[1:]))]))  # [B + 1, d]: x, then 0
                 present, absent = both[:batch], both[batch:]
                 rows = torch.where(masks[:, j, None, None], present[None], absent[None])
                 mixed[m] = rows.reshape(-1, *present.shape[1:])
             out = self.head(mixed)
-        out = out.reshape(masks.shape[0], batch, -1)
+        out = out.reshape(masks.shape[0], batch, out.shape[-1])
         return torch.cat([out, logits.detach()[None].to(out.dtype)])
 
     def step(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],

@@ -272,6 +272,13 @@ def test_modes_are_restored_and_the_window_is_respected():
     assert all(v for n, v in flags.items() if n != "encoders.visual.net.3")
 
 
+def test_subsets_of_an_empty_batch_are_empty():
+    model = make_model(3)
+    agm = fastbml.AGM({m: model.encoders[m] for m in model.modalities}, model.head)
+    inputs, _ = make_batch(3, batch=0)
+    assert agm.subset_logits(inputs, randn(0, 5)).shape == (7, 0, 5)
+
+
 def test_weights_only_leaves_biases_and_norms_alone():
     model = make_model(2)
     agm = fastbml.AGM({m: model.encoders[m] for m in model.modalities}, model.head,
