@@ -153,6 +153,22 @@ def test_the_stronger_modality_is_slowed_and_the_weaker_sped_up():
     assert k3[0] < 1 and k3[1] > 1
 
 
+def test_helper_slows_the_modality_that_predicts_the_labels():
+    """End to end: audio carries the labels, visual is noise; audio gets k < 1, visual k > 1."""
+    classes, batch = 5, 40
+    labels = torch.arange(batch, device=DEVICE) % classes
+    inputs = {"audio": 4.0 * nn.functional.one_hot(labels, classes).float(),
+              "visual": torch.randn(batch, classes, device=DEVICE)}
+    head = ConcatFusion({"audio": classes, "visual": classes}, classes).to(DEVICE)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.cat([torch.eye(classes), 0.3 * torch.eye(classes)], 1))
+        head.fc.bias.zero_()
+    agm = fastbml.AGM({"audio": nn.Identity(), "visual": nn.Identity()}, head)
+    k = agm.step(inputs, head(inputs), labels, epoch=0)
+    scores = agm.last_scores
+    assert scores[0] < scores[1] and k[0] < 1 < k[1]
+
+
 def test_cap_bounds_the_boost_and_alpha_zero_gives_ones():
     k = fastbml.agm_coefficients(torch.tensor([5.0, 0.0]), torch.zeros(2), alpha=1.0, cap=0.5)
     assert k[0].item() == pytest.approx(math.exp(0.5))
