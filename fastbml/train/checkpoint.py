@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -215,9 +216,12 @@ def load_sharded(tensors: dict, path: Path, group: dist.ProcessGroup | None = No
     """Collective: fill `tensors` (state dicts of this run's layout, DTensors sharded on any
     number of ranks) in place from sharded checkpoint `path`. Without a process group it reads
     whole tensors (plain state dicts: a sharded run's model in one process)."""
+    alone = not (dist.is_available() and dist.is_initialized())
     try:
-        dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
-                 process_group=group, no_dist=not (dist.is_available() and dist.is_initialized()))
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: we mean it
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
+                     process_group=group, no_dist=alone)
     except (Exception, CheckpointException) as exc:
         if isinstance(exc, CheckpointException):  # the ranks' failures, with tracebacks
             causes = {f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()}
