@@ -126,6 +126,15 @@ def fsdp_job(rank, world, base):
     mp.fit()
     out["bf16"] = {"logits": set(seen), "shards": {p.dtype for p in mp.model.parameters()},
                    "grads": {p.grad.dtype for p in mp.model.parameters() if p.grad is not None}}
+    # the same world size: a resumed run is the uninterrupted one (AdamW, an LR schedule)
+    exact = dict(method="opm", epochs=3, optimizer="adamw", lr=1e-3, scheduler="step",
+                 step_size=1, fsdp=True)
+    whole = Recording(_cfg(_out(base, "whole", rank), **exact), splits)
+    whole.fit()
+    assert Trainer(_cfg(_out(base, "part", rank), **exact), splits).fit(until_epoch=2) == {}
+    part = Recording(_cfg(_out(base, "part", rank), **exact), splits, resume=True)
+    part.fit()
+    out["exact"] = [(r.trained, _timeless(r.logger.history)) for r in (whole, part)]
     # killed after one epoch of three on 2 ranks; resumed on 1 process below
     cut = Trainer(_cfg(_out(base, "w2cut", rank), fsdp=True, **CUT), splits)
     out["w2cut"] = {"fit": cut.fit(until_epoch=1), **_cut_state(cut)}
@@ -198,6 +207,15 @@ def test_fsdp_equals_ddp(fsdp, method):
     if method in LOGGED:  # the method did act
         assert any(LOGGED[method] in record for record in sharded["history"])
     assert _timeless(sharded["summary"]) == _timeless(r1[f"{method}-fsdp"]["summary"])
+
+
+def test_fsdp_resume_is_the_uninterrupted_run(fsdp):
+    _, ranks, _ = fsdp
+    for rank in ranks:
+        (whole, whole_history), (resumed, resumed_history) = rank["exact"]
+        assert resumed_history == whole_history
+        for name, tensor in whole.items():
+            assert torch.equal(resumed[name], tensor), name
 
 
 def test_fsdp_writes_sharded_checkpoints_into_rank0_out(fsdp):
