@@ -55,6 +55,9 @@ _HELP = {
     "fsdp_mixed_precision": "with --fsdp: " + ", ".join(FSDP_MIXED_PRECISION) + " (bf16: "
                             "parameters all-gathered and used in bf16, gradients reduced in "
                             "fp32; replaces --amp)",
+    "fsdp_shard_size": "with --fsdp: shard each parameter over groups of this many ranks and "
+                       "replicate it across the groups (HSDP; e.g. the GPUs of one node); it "
+                       "must divide the world size (default: shard over all ranks)",
     "prefetch": "batches each DataLoader worker loads ahead",
     "threads": "torch CPU threads", "backend": "fastbml kernel backend: auto, torch, cpp, triton",
     "compile": "torch.compile the training forward (OPM included) and the OGM step",
@@ -66,7 +69,7 @@ _HELP = {
                     "checkpoint kept) or skip (the step is skipped and counted, as GradScaler "
                     "does)",
 }
-_NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "agm_end": int,
+_NONE_DEFAULT_TYPES = {"fsdp_shard_size": int, "data_root": str, "ogm_end": int, "opm_end": int, "agm_end": int,
                        "dr_clusters": int,
                        "threads": int, "workers": int}
 

@@ -118,6 +118,16 @@ def fsdp_job(rank, world, base):
                          "val": trainer.evaluate(splits.val), "ddp": trainer.ddp is not None,
                          "sharded": isinstance(weight, DTensor) and
                          weight.to_local().shape[0] < weight.shape[0]}
+    # HSDP: 2 replicas of 1 shard (a 2-D mesh); a shard size that does not divide the world
+    hsdp = Recording(_cfg(_out(base, "opm-hsdp", rank), method="opm", fsdp=True,
+                          fsdp_shard_size=1), splits)
+    placements = hsdp.model.head.fc.weight.placements
+    out["opm-hsdp"] = {"summary": hsdp.fit(), "trained": hsdp.trained,
+                       "placements": [str(p) for p in placements]}
+    try:
+        Trainer(_cfg(_out(base, "hsdp3", rank), fsdp=True, fsdp_shard_size=3), splits)
+    except ValueError as exc:
+        out["hsdp3"] = str(exc)
     # bf16 mixed precision: computed in bf16, shards and gradients stay fp32
     mp = Trainer(_cfg(_out(base, "bf16", rank), method="opm", fsdp=True, epochs=1,
                       fsdp_mixed_precision="bf16"), splits)
@@ -209,6 +219,19 @@ def test_fsdp_equals_ddp(fsdp, method):
     assert _timeless(sharded["summary"]) == _timeless(r1[f"{method}-fsdp"]["summary"])
 
 
+def test_hsdp_equals_ddp(fsdp):
+    """--fsdp-shard-size 1 on 2 ranks: a (replicate 2, shard 1) mesh, DDP's replication by
+    HSDP; weights and metrics are DDP's up to float rounding."""
+    _, (r0, r1), _ = fsdp
+    hsdp, ddp = r0["opm-hsdp"], r0["opm-ddp"]
+    assert hsdp["placements"] == ["R", "S(0)"]  # (replicate, shard)
+    for name, tensor in ddp["trained"].items():
+        torch.testing.assert_close(hsdp["trained"][name], tensor, rtol=1e-5, atol=1e-6)
+        assert torch.equal(hsdp["trained"][name], r1["opm-hsdp"]["trained"][name])
+    assert hsdp["summary"]["test"] == pytest.approx(ddp["summary"]["test"], abs=1e-6)
+    assert r0["hsdp3"] == "fsdp_shard_size 3 must divide the world size 2"
+
+
 def test_fsdp_resume_is_the_uninterrupted_run(fsdp):
     _, ranks, _ = fsdp
     for rank in ranks:
@@ -288,6 +311,8 @@ def test_fsdp_refusals(tmp_path, fsdp):
         _cfg(tmp_path, fsdp=True, amp="bf16")
     with pytest.raises(ValueError, match="fsdp_mixed_precision 'bf16' needs fsdp"):
         _cfg(tmp_path, fsdp_mixed_precision="bf16")
+    with pytest.raises(ValueError, match="fsdp_shard_size 2 needs fsdp"):
+        _cfg(tmp_path, fsdp_shard_size=2)
     with pytest.raises(ValueError, match="fsdp_mixed_precision must be one of"):
         _cfg(tmp_path, fsdp=True, fsdp_mixed_precision="fp16")
     info = make_synthetic(0, TINY).info

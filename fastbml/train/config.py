@@ -86,6 +86,7 @@ class TrainConfig:
     dist_backend: str = "auto"  # torchrun launches: nccl on CUDA, gloo on CPU
     fsdp: bool = False           # shard encoders and head with FSDP2 (fully_shard) instead of DDP
     fsdp_mixed_precision: str = "none"  # bf16: all-gather and compute in bf16, reduce in fp32
+    fsdp_shard_size: int | None = None  # HSDP: shard over groups of this many ranks (None: all)
     out: str = "runs/train"
     tensorboard: bool = True
     plots: bool = True
@@ -117,7 +118,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
-        for name in ("threads", "dr_clusters"):
+        for name in ("threads", "dr_clusters", "fsdp_shard_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -130,6 +131,8 @@ class TrainConfig:
         if self.fsdp_mixed_precision != "none" and not self.fsdp:
             raise ValueError(f"fsdp_mixed_precision {self.fsdp_mixed_precision!r} needs fsdp "
                              "(--fsdp); without it use amp (--amp bf16)")
+        if self.fsdp_shard_size is not None and not self.fsdp:
+            raise ValueError(f"fsdp_shard_size {self.fsdp_shard_size} needs fsdp (--fsdp)")
         if self.fsdp and self.amp != "none":
             raise ValueError(f"amp {self.amp!r} does not combine with fsdp: under FSDP2 mixed "
                              "precision is the sharding's policy (--fsdp-mixed-precision bf16: "

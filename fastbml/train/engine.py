@@ -73,7 +73,7 @@ LOCK = ".fastbml.lock"            # held (flock) by the run that owns the direct
 # Settings a --resume may change (documented in the README): the rest must match the checkpoint.
 RESUME_MAY_CHANGE = ("epochs", "out", "data_root", "workers", "threads", "device",
                      "dist_backend", "progress", "tensorboard", "plots", "compile",
-                     "compile_mode", "compile_backend")
+                     "compile_mode", "compile_backend", "fsdp_shard_size")
 
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -223,16 +223,29 @@ class _TrainForward(nn.Module):
         return model.head(fused_in), unimodal, weights
 
 
+def fsdp_mesh(device: torch.device, shard_size: int | None = None):
+    """The default group's ranks as FSDP2's mesh: 1-D (shard over all), or with `shard_size`
+    HSDP's 2-D (replicate, shard) mesh of world / shard_size groups of consecutive ranks."""
+    world = dist.get_world_size()
+    if shard_size is None or shard_size == world:
+        return init_device_mesh(device.type, (world,))
+    if world % shard_size:
+        raise ValueError(f"fsdp_shard_size {shard_size} must divide the world size {world}")
+    return init_device_mesh(device.type, (world // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 def shard_model(model: MultimodalClassifier, device: torch.device,
-                mixed_precision: str = "none") -> None:
+                mixed_precision: str = "none", shard_size: int | None = None) -> None:
     """FSDP2 over the default group's ranks (docs/design.md#distributed-training): each encoder
     and the fusion head become a `fully_shard` unit, the model the root. Their parameters turn
-    into DTensors sharded on dim 0; the units are all-gathered around their forward and their
-    gradients reduce-scattered after backward. `encode` and the head's `unimodal_logits` are
-    registered as forward methods, so the split forward the methods need (OPM between the
-    encoders and the head) all-gathers like `forward`. mixed_precision "bf16": parameters are
-    all-gathered and used in bf16, gradients reduced in fp32 (the shards stay fp32)."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    into DTensors sharded on dim 0 (over groups of `shard_size` ranks and replicated across
+    them: HSDP); the units are all-gathered around their forward and their gradients
+    reduce-scattered after backward. `encode` and the head's `unimodal_logits` are registered
+    as forward methods, so the split forward the methods need (OPM between the encoders and the
+    head) all-gathers like `forward`. mixed_precision "bf16": parameters are all-gathered and
+    used in bf16, gradients reduced in fp32 (the shards stay fp32)."""
+    mesh = fsdp_mesh(device, shard_size)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision == "bf16" else MixedPrecisionPolicy())
     for unit in [*model.encoders.values(), model.head, model]:
@@ -358,7 +371,7 @@ class Trainer:
                                  init=cfg.init, hidden=cfg.hidden,
                                  feature_dim=cfg.feature_dim).to(self.device)
         if self.fsdp:  # before the helpers and the optimiser take the (now sharded) parameters
-            shard_model(self.model, self.device, cfg.fsdp_mixed_precision)
+            shard_model(self.model, self.device, cfg.fsdp_mixed_precision, cfg.fsdp_shard_size)
         self.methods = MethodStack(cfg, self.model, info.num_classes, self.device)
         self.optimizer = _build_optimizer(cfg, self.model.parameters())
         self.scheduler = _build_scheduler(cfg, self.optimizer)
