@@ -1,8 +1,9 @@
-"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning)."""
+"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, PMR, Diagnosing & Re-learning)."""
 
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
+from .pmr import PMR, pmr_loss_weights
 from .purity import cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 from .scores import modality_scores
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OGM",
     "OPM",
+    "PMR",
     "DiagnoseRelearn",
     "FeatureLoader",
     "cluster_purity",
@@ -22,6 +24,7 @@ __all__ = [
     "ogm_modulate_",
     "opm_drop",
     "opm_drop_probs",
+    "pmr_loss_weights",
     "relearn_strength",
     "soft_reinit_",
     "sum_unimodal_logits",
