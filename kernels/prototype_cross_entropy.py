@@ -58,7 +58,9 @@ def _forward_kernel(features, prototypes, mask, labels, loss, lse, batch, n_clas
         denom = denom * tl.exp(peak - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
         peak = new_peak
         d_label += tl.sum(tl.where(c[None, :] == label[:, None], d, 0.0), axis=1)
-    log_norm = tl.where(bad > 0, float("nan"), peak + tl.log(denom))
+    log_norm = tl.where(denom > 0.0, peak + tl.log(tl.where(denom > 0.0, denom, 1.0)),
+                        float("-inf"))  # -inf for an empty mask
+    log_norm = tl.where(bad > 0, float("nan"), log_norm)
     kept = tl.load(mask + label, mask=row_ok, other=0) != 0
     tl.store(lse + r, log_norm, mask=row_ok)
     tl.store(loss + r, tl.where(kept, log_norm + d_label, 0.0), mask=row_ok)
