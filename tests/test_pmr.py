@@ -170,29 +170,6 @@ def test_double_backward_is_refused(backend):
         grad.sum().backward()
 
 
-def _opcheck(device):
-    f, protos, mask, labels = (t.to(device) for t in problem(9, 5, 6))
-    ops = torch.ops.fastbml
-    _, lse = ops.prototype_cross_entropy(f, protos, mask, labels)
-    torch.library.opcheck(ops.prototype_cross_entropy.default,
-                          (f.requires_grad_(), protos, mask, labels))
-    torch.library.opcheck(ops.prototype_cross_entropy_backward.default,
-                          (torch.randn(9, device=device), f.detach(), protos, mask, labels, lse))
-    torch.library.opcheck(ops.prototype_cross_entropy.default,
-                          (f.detach()[:, ::2].to(torch.bfloat16), protos[:, ::2], mask, labels))
-
-
-@pytest.mark.skipif(DEVICE.type != "cpu" or fastbml.backend.cpp_module() is None,
-                    reason="the CPU implementation is the cpp kernel")
-def test_opcheck_on_cpu():
-    _opcheck(torch.device("cpu"))
-
-
-@pytest.mark.gpu
-def test_opcheck_on_cuda():
-    _opcheck(torch.device("cuda"))
-
-
 # ---------------------------------------------------------------------------- the helper
 
 
