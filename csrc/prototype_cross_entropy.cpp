@@ -21,8 +21,11 @@
 namespace fastbml {
 namespace {
 
-// Below this many multiply-adds (batch * classes * dim) the rows run on the calling thread.
-constexpr int64_t kParallelWork = 1 << 18;
+// Below this many multiply-adds (batch * classes * dim; 2^24 is about 2 ms on one core) the rows
+// run on the calling thread: waking the OpenMP team costs more, and on a busy machine a
+// descheduled thread stalls the whole call.
+constexpr int64_t kParallelWork = 1 << 24;
+constexpr int64_t kRowTile = 8;  // rows sharing each prototype read (8 x 512 floats: 16 KiB)
 
 struct Problem {
   const void* features;
@@ -33,22 +36,30 @@ struct Problem {
   const int64_t* labels;
 };
 
-// f (float32 [dim]) <- row r of the features; dist[c] <- ||f - P_c||.
+// f (float32 [rows, dim]) <- rows r0 .. r0 + rows - 1 of the features; dist[r * C + c] <-
+// ||f_r - P_c||. Each prototype is read once per tile of rows (it stays in L1 while the tile's
+// rows use it), not once per row.
 template <typename T>
-void row_distances(const Problem& pb, int64_t r, float* f, float* dist) {
-  const T* row = static_cast<const T*>(pb.features) + r * pb.row_stride;
-  const int64_t dim = pb.dim;
+void tile_distances(const Problem& pb, int64_t r0, int64_t rows, float* f, float* dist) {
+  const int64_t dim = pb.dim, n_classes = pb.n_classes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = static_cast<const T*>(pb.features) + (r0 + r) * pb.row_stride;
+    float* fr = f + r * dim;
 #pragma omp simd
-  for (int64_t k = 0; k < dim; ++k) f[k] = to_float(row[k]);
-  for (int64_t c = 0; c < pb.n_classes; ++c) {
+    for (int64_t k = 0; k < dim; ++k) fr[k] = to_float(row[k]);
+  }
+  for (int64_t c = 0; c < n_classes; ++c) {
     const float* p = pb.prototypes + c * dim;
-    float acc = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* fr = f + r * dim;
+      float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < dim; ++k) {
-      const float diff = f[k] - p[k];
-      acc += diff * diff;
+      for (int64_t k = 0; k < dim; ++k) {
+        const float diff = fr[k] - p[k];
+        acc += diff * diff;
+      }
+      dist[r * n_classes + c] = std::sqrt(acc);
     }
-    dist[c] = std::sqrt(acc);
   }
 }
 
@@ -75,13 +86,18 @@ float row_logsumexp(const Problem& pb, const float* dist, float* e) {
 
 template <typename T>
 void forward_rows(const Problem& pb, int64_t first, int64_t last, float* loss, float* lse) {
-  std::vector<float> f(pb.dim), dist(pb.n_classes), e(pb.n_classes);
-  for (int64_t r = first; r < last; ++r) {
-    row_distances<T>(pb, r, f.data(), dist.data());
-    const float l = row_logsumexp(pb, dist.data(), e.data());
-    const int64_t y = pb.labels[r];
-    lse[r] = l;
-    loss[r] = pb.mask[y] ? l + dist[y] : 0.0f;
+  const int64_t n_classes = pb.n_classes;
+  std::vector<float> f(kRowTile * pb.dim), dist(kRowTile * n_classes), e(n_classes);
+  for (int64_t r0 = first; r0 < last; r0 += kRowTile) {
+    const int64_t rows = std::min(kRowTile, last - r0);
+    tile_distances<T>(pb, r0, rows, f.data(), dist.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* d = dist.data() + r * n_classes;
+      const float l = row_logsumexp(pb, d, e.data());
+      const int64_t y = pb.labels[r0 + r];
+      lse[r0 + r] = l;
+      loss[r0 + r] = pb.mask[y] ? l + d[y] : 0.0f;
+    }
   }
 }
 
@@ -89,35 +105,50 @@ template <typename T>
 void backward_rows(const Problem& pb, const float* grad, const float* lse, T* out, int64_t first,
                    int64_t last) {
   const int64_t dim = pb.dim, n_classes = pb.n_classes;
-  std::vector<float> f(dim), dist(n_classes), a(n_classes), acc(dim);
-  for (int64_t r = first; r < last; ++r) {
-    T* o = out + r * dim;
-    const int64_t y = pb.labels[r];
-    if (!pb.mask[y]) {  // an ignored row
-      for (int64_t k = 0; k < dim; ++k) o[k] = from_float<T>(0.0f);
-      continue;
+  std::vector<float> f(kRowTile * dim), dist(kRowTile * n_classes), a(kRowTile * n_classes),
+      acc(kRowTile * dim);
+  float rowsum[kRowTile];
+  for (int64_t r0 = first; r0 < last; r0 += kRowTile) {
+    const int64_t rows = std::min(kRowTile, last - r0);
+    tile_distances<T>(pb, r0, rows, f.data(), dist.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t y = pb.labels[r0 + r];
+      const float g = pb.mask[y] ? grad[r0 + r] : 0.0f, l = lse[r0 + r];
+      const float* d = dist.data() + r * n_classes;
+      float* ar = a.data() + r * n_classes;
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t c = 0; c < n_classes; ++c) {
+        const float p = pb.mask[c] ? exp_nonpositive(-d[c] - l) : 0.0f;
+        const float target = c == y ? 1.0f : 0.0f;
+        // the norm's subgradient 0 at d = 0; a NaN distance stays NaN
+        ar[c] = d[c] != 0.0f ? g * (p - target) / d[c] : 0.0f;
+        total += ar[c];
+      }
+      rowsum[r] = total;
     }
-    row_distances<T>(pb, r, f.data(), dist.data());
-    const float g = grad[r], l = lse[r];
-    float rowsum = 0.0f;
-#pragma omp simd reduction(+ : rowsum)
+    std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
     for (int64_t c = 0; c < n_classes; ++c) {
-      const float d = dist[c];
-      const float p = pb.mask[c] ? exp_nonpositive(-d - l) : 0.0f;
-      const float target = c == y ? 1.0f : 0.0f;
-      // the norm's subgradient 0 at d = 0; a NaN distance stays NaN
-      a[c] = d != 0.0f ? g * (p - target) / d : 0.0f;
-      rowsum += a[c];
-    }
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t c = 0; c < n_classes; ++c) {
-      const float ac = a[c];
       const float* p = pb.prototypes + c * dim;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float ac = a[r * n_classes + c];
+        float* accr = acc.data() + r * dim;
 #pragma omp simd
-      for (int64_t k = 0; k < dim; ++k) acc[k] += ac * p[k];
+        for (int64_t k = 0; k < dim; ++k) accr[k] += ac * p[k];
+      }
     }
+    for (int64_t r = 0; r < rows; ++r) {
+      T* o = out + (r0 + r) * dim;
+      const float* accr = acc.data() + r * dim;
+      const float* fr = f.data() + r * dim;
+      const float sum = rowsum[r];
+      if (!pb.mask[pb.labels[r0 + r]]) {  // an ignored row
+        for (int64_t k = 0; k < dim; ++k) o[k] = from_float<T>(0.0f);
+        continue;
+      }
 #pragma omp simd
-    for (int64_t k = 0; k < dim; ++k) o[k] = from_float<T>(acc[k] - f[k] * rowsum);
+      for (int64_t k = 0; k < dim; ++k) o[k] = from_float<T>(accr[k] - fr[k] * sum);
+    }
   }
 }
 
@@ -137,21 +168,22 @@ void split_rows(const Problem& pb, Body&& body) {
   }
 }
 
+// The row loops for the storage dtype, cloned per instruction set (called from inside the
+// parallel region, whose outlined body the clones of a caller would not cover).
 FASTBML_SIMD_CLONES
-void forward_all(const Problem& pb, float* loss, float* lse) {
+void forward_share(const Problem& pb, int64_t first, int64_t last, float* loss, float* lse) {
   dispatch(pb.dtype, nullptr, [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    split_rows(pb, [&](int64_t first, int64_t last) { forward_rows<T>(pb, first, last, loss, lse); });
+    forward_rows<T>(pb, first, last, loss, lse);
   });
 }
 
 FASTBML_SIMD_CLONES
-void backward_all(const Problem& pb, const float* grad, const float* lse, void* out) {
+void backward_share(const Problem& pb, const float* grad, const float* lse, void* out,
+                    int64_t first, int64_t last) {
   dispatch(pb.dtype, out, [&](auto* typed_out) {
     using T = std::remove_pointer_t<decltype(typed_out)>;
-    split_rows(pb, [&](int64_t first, int64_t last) {
-      backward_rows<T>(pb, grad, lse, typed_out, first, last);
-    });
+    backward_rows<T>(pb, grad, lse, typed_out, first, last);
   });
 }
 
@@ -177,7 +209,9 @@ int64_t prototype_cross_entropy_forward(uintptr_t features_ptr, int dtype, int64
   for (int64_t i = 0; i < batch; ++i)
     out_of_range += (pb.labels[i] < 0) | (pb.labels[i] >= n_classes);
   if (out_of_range) return out_of_range;
-  forward_all(pb, reinterpret_cast<float*>(loss_ptr), reinterpret_cast<float*>(lse_ptr));
+  float* loss = reinterpret_cast<float*>(loss_ptr);
+  float* lse = reinterpret_cast<float*>(lse_ptr);
+  split_rows(pb, [&](int64_t first, int64_t last) { forward_share(pb, first, last, loss, lse); });
   return 0;
 }
 
@@ -188,8 +222,12 @@ void prototype_cross_entropy_backward(uintptr_t grad_ptr, uintptr_t features_ptr
                                       uintptr_t lse_ptr, uintptr_t out_ptr) {
   const Problem pb = problem(features_ptr, dtype, batch, dim, row_stride, prototypes_ptr,
                              n_classes, mask_ptr, labels_ptr);
-  backward_all(pb, reinterpret_cast<const float*>(grad_ptr),
-               reinterpret_cast<const float*>(lse_ptr), reinterpret_cast<void*>(out_ptr));
+  const float* grad = reinterpret_cast<const float*>(grad_ptr);
+  const float* lse = reinterpret_cast<const float*>(lse_ptr);
+  void* out = reinterpret_cast<void*>(out_ptr);
+  split_rows(pb, [&](int64_t first, int64_t last) {
+    backward_share(pb, grad, lse, out, first, last);
+  });
 }
 
 }  // namespace fastbml
