@@ -18,7 +18,8 @@ ON_NONFINITE = ("stop", "skip")  # what a non-finite training loss does
 # The float settings: each must be a finite number in [low, high] (None: unbounded).
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
-                 ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None))
+                 ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None),
+                 ("pmr_alpha", 0.0, None), ("pmr_momentum", 0.0, 1.0))
 
 
 @dataclass
@@ -62,6 +63,11 @@ class TrainConfig:
     dr_times: int = 3
     dr_lambda: float = 3.0
     dr_clusters: int | None = None  # None: the number of classes
+    # PMR (docs/methods.md#pmr); the authors' defaults
+    pmr_alpha: float = 1.0
+    pmr_momentum: float = 0.2
+    pmr_start: int = 0
+    pmr_end: int | None = None
     # runtime
     amp: str = "none"
     on_nonfinite: str = "stop"   # a non-finite training loss: stop the run, or skip the step
@@ -93,7 +99,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "warmup_epochs"):
+        for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "pmr_start",
+                     "warmup_epochs"):
             value = getattr(self, name)
             if name == "workers" and value is None:
                 continue
@@ -110,7 +117,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("ogm_end", "opm_end"):
+        for name in ("ogm_end", "opm_end", "pmr_end"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):

@@ -1,14 +1,15 @@
-"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | a+b`).
+"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | pmr | a+b`).
 
 `MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
-and the fusion head, OGM / OGM-GE after backward (after unscaling with AMP), D&R after each
-epoch's evaluation. It also gathers what each method did for the logs, on device, and syncs once
-per epoch.
+and the fusion head, PMR's prototypical loss added to the training loss (its prototypes rebuilt
+before training and after each epoch), OGM / OGM-GE after backward (after unscaling with AMP),
+D&R after each epoch's evaluation. It also gathers what each method did for the logs, on
+device, and syncs once per epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -17,9 +18,11 @@ import fastbml
 from ..models import MultimodalClassifier
 from .config import TrainConfig
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "pmr")
 
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
+# PMR's prototype subset: eval-mode (features, labels) batches, produced on demand
+BatchesFn = Callable[[], Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]]
 
 
 def compiled(cfg: TrainConfig, fn: Callable, *, fullgraph: bool = True) -> Callable:
@@ -42,6 +45,10 @@ def parse_method(method: str) -> tuple[str, ...]:
         raise ValueError("method 'joint' (plain training) cannot be combined with others")
     if {"ogm", "ogm-ge"} <= set(parts):
         raise ValueError("method: choose one of 'ogm' and 'ogm-ge'")
+    if {"pmr", "dr"} <= set(parts):
+        raise ValueError("method 'pmr' cannot be combined with 'dr': D&R re-initialises the "
+                         "encoders whose feature space PMR's prototypes describe, and their "
+                         "EMA would blend prototypes of two different encoders")
     return parts
 
 
@@ -55,7 +62,7 @@ class MethodStack:
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
         seed = cfg.seed
-        self.ogm = self.opm = self.dr = None
+        self.ogm = self.opm = self.dr = self.pmr = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
             self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
                                    form=cfg.ogm_form, noise="ogm-ge" in self.parts,
@@ -73,6 +80,10 @@ class MethodStack:
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
                 times=cfg.dr_times, lam=cfg.dr_lambda,
                 n_clusters=cfg.dr_clusters or num_classes, seed=seed, backend=cfg.backend)
+        if "pmr" in self.parts:
+            self.pmr = fastbml.PMR(modalities, num_classes, alpha=cfg.pmr_alpha,
+                                   momentum=cfg.pmr_momentum, start=cfg.pmr_start,
+                                   end=cfg.pmr_end, backend=cfg.backend)
         self.modalities = modalities
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
@@ -88,6 +99,23 @@ class MethodStack:
             return features, None
         return self.opm(features, unimodal, labels, epoch)
 
+    def extra_loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                   epoch: int) -> torch.Tensor | None:
+        """What the methods add to the training loss, from the encoders' pooled features (PMR's
+        prototypical loss); None when no method adds one."""
+        if self.pmr is None:
+            return None
+        return self.pmr.loss(features, labels, epoch)
+
+    def refresh_prototypes(self, epoch: int, batches: BatchesFn) -> None:
+        """PMR's prototypes from `batches()` (the prototype subset's eval-mode features), before
+        training (epoch 0) and after each epoch (the epoch just trained); nothing otherwise."""
+        if self.pmr is None:
+            return
+        for features, labels in batches():
+            self.pmr.collect(features, labels)
+        self.pmr.update_prototypes(epoch)
+
     def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
                        epoch: int) -> None:
         """Modulate the encoders' gradients (OGM / OGM-GE) and accumulate the step's logs."""
@@ -96,6 +124,8 @@ class MethodStack:
             self._add("coeff", self.ogm.last_coeffs)
         if self.opm is not None and self.opm.last_q is not None:
             self._add("drop_prob", self.opm.last_q)
+        if self.pmr is not None and self.pmr.last_weights is not None:
+            self._add("pmr_weight", self.pmr.last_weights)
         self._steps += 1
 
     def _add(self, key: str, value: torch.Tensor) -> None:
@@ -103,7 +133,8 @@ class MethodStack:
         self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
 
     def epoch_logs(self) -> dict[str, float]:
-        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>); resets the sums."""
+        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, pmr_weight_<m>:
+        the fraction of steps PMR's loss acted on m); resets the sums."""
         out = {}
         for key, total in self._sums.items():
             for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
@@ -118,12 +149,15 @@ class MethodStack:
             return {}
         return dict(self.dr.step(epoch, train_features, val_features) or {})
 
+    def _helpers(self) -> tuple:
+        return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr), ("pmr", self.pmr))
+
     def state_dict(self) -> dict:
         return {name: helper.state_dict() for name, helper in
-                (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr)) if helper is not None}
+                self._helpers() if helper is not None}
 
     def load_state_dict(self, state: Mapping) -> None:
-        for name, helper in (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr)):
+        for name, helper in self._helpers():
             if helper is None:
                 continue
             if name not in state:
