@@ -50,7 +50,26 @@ void tile_distances(const Problem& pb, int64_t r0, int64_t rows, float* f, float
   }
   for (int64_t c = 0; c < n_classes; ++c) {
     const float* p = pb.prototypes + c * dim;
-    for (int64_t r = 0; r < rows; ++r) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {  // four independent sums: not bound by the add latency
+      const float* f0 = f + r * dim;
+      const float *f1 = f0 + dim, *f2 = f1 + dim, *f3 = f2 + dim;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t k = 0; k < dim; ++k) {
+        const float pk = p[k];
+        const float d0 = f0[k] - pk, d1 = f1[k] - pk, d2 = f2[k] - pk, d3 = f3[k] - pk;
+        a0 += d0 * d0;
+        a1 += d1 * d1;
+        a2 += d2 * d2;
+        a3 += d3 * d3;
+      }
+      dist[r * n_classes + c] = std::sqrt(a0);
+      dist[(r + 1) * n_classes + c] = std::sqrt(a1);
+      dist[(r + 2) * n_classes + c] = std::sqrt(a2);
+      dist[(r + 3) * n_classes + c] = std::sqrt(a3);
+    }
+    for (; r < rows; ++r) {
       const float* fr = f + r * dim;
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
