@@ -10,7 +10,7 @@ modalities is device arithmetic: no host sync per step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -40,17 +40,18 @@ class PMR(MethodScaffold):
     """Drop-in PMR for a training loop.
 
         pmr = fastbml.PMR(["audio", "visual"], n_classes=31, alpha=1.0, momentum=0.2)
+        pmr.update_prototypes(epoch, subset)   # before training (0) and after each epoch
         loss = F.cross_entropy(logits, y) + pmr.loss({"audio": f_a, "visual": f_v}, y, epoch)
-        pmr.collect(features, y) for ~10% of the train batches, then pmr.update_prototypes(epoch)
 
     `loss` takes each modality's pooled features [B, d_m] (with their graph) and returns
     alpha * sum_m w_m * PCE_m, with PCE_m the prototypical cross-entropy of modality m (mean over
     the batch) and w = `pmr_loss_weights` of the prototype scores s_m = sum_i p_m(y_i | f_i)
     (float32 scalar; 0 outside start <= epoch <= end, epoch >= warmup_epochs).
 
-    Prototypes follow the authors' schedule: before training, and after each epoch, collect the
-    features of a subset (eval mode, no grad) with `collect`, then call `update_prototypes` with
-    the epoch just trained (0 before training). Each class gets the mean of its collected
+    Prototypes follow the authors' schedule: before training, and after each epoch, the
+    features of a subset of the training set (about 10% of its batches, encoders in eval mode)
+    go to `update_prototypes` with the epoch just trained (0 before training), as an iterable
+    `subset` of (features, labels) batches, or batch by batch through `collect`. Each class gets the mean of its collected
     features; from epoch 1 on it is blended with the previous prototype (EMA with `momentum`,
     the weight of the old one). A class with no sample keeps its previous prototype; one that
     never had a sample stays out of the softmax, and samples of that class are ignored, so the
@@ -168,12 +169,18 @@ class PMR(MethodScaffold):
         self._sums.index_add_(0, labels, torch.cat([*(f.float() for f in feats), ones], dim=1))
 
     @torch.no_grad()
-    def update_prototypes(self, epoch: int) -> None:
-        """Prototypes from what `collect` gathered since the last update (all-reduced once under
-        DDP); `epoch` is the epoch just trained (0 before training): the EMA with the previous
-        prototypes applies from epoch 1 on, as in the authors' code. Classes without a sample
-        keep their prototype. No host sync."""
+    def update_prototypes(self, epoch: int,
+                          batches: Iterable[tuple[Mapping[str, torch.Tensor] |
+                                                  Sequence[torch.Tensor], torch.Tensor]]
+                          | None = None) -> None:
+        """Prototypes from `batches` (each (features, labels) is `collect`ed first) and what
+        `collect` gathered since the last update, all-reduced once under DDP. `epoch` is the
+        epoch just trained (0 before training): the EMA with the previous prototypes applies
+        from epoch 1 on, as in the authors' code. Classes without a sample keep their
+        prototype. No host sync."""
         integer(epoch, "epoch")
+        for features, labels in batches or ():
+            self.collect(features, labels)
         if self._sums is None:
             raise ValueError("update_prototypes: no features were collected (call collect "
                              "with a batch of each modality's features first)")

@@ -223,9 +223,7 @@ def test_pmr_equals_the_authors_loop_over_three_epochs(backend):
     pmr = fastbml.PMR(["audio", "visual"], n_classes, alpha=alpha, momentum=momentum,
                       backend=backend)
     subsets = [batches(3, 16, n_classes, dims, seed=e) for e in range(4)]
-    for feats, labels in subsets[0]:
-        pmr.collect({"audio": feats[0], "visual": feats[1]}, labels)
-    pmr.update_prototypes(0)
+    pmr.update_prototypes(0, [({"audio": f[0], "visual": f[1]}, y) for f, y in subsets[0]])
     theirs = authors_prototypes(subsets[0], n_classes, dims, 0)
     chosen = set()
     for epoch in range(3):

@@ -112,9 +112,7 @@ class MethodStack:
         training (epoch 0) and after each epoch (the epoch just trained); nothing otherwise."""
         if self.pmr is None:
             return
-        for features, labels in batches():
-            self.pmr.collect(features, labels)
-        self.pmr.update_prototypes(epoch)
+        self.pmr.update_prototypes(epoch, batches())
 
     def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
                        epoch: int) -> None:
