@@ -1,5 +1,6 @@
-"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, PMR, Diagnosing & Re-learning)."""
+"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning, AGM, PMR)."""
 
+from .agm import AGM, agm_coefficients, agm_score_sums, shapley_weights, subset_masks
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
@@ -12,11 +13,14 @@ from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logi
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
     "OGM",
     "OPM",
     "PMR",
     "DiagnoseRelearn",
     "FeatureLoader",
+    "agm_coefficients",
+    "agm_score_sums",
     "cluster_purity",
     "concat_unimodal_logits",
     "modality_scores",
@@ -26,7 +30,9 @@ __all__ = [
     "opm_drop_probs",
     "pmr_loss_weights",
     "relearn_strength",
+    "shapley_weights",
     "soft_reinit_",
+    "subset_masks",
     "sum_unimodal_logits",
     "unimodal_logits",
 ]

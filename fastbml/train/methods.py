@@ -1,9 +1,10 @@
-"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | pmr | a+b`).
+"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | agm | pmr |
+a+b`).
 
 `MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
 and the fusion head, PMR's prototypical loss added to the training loss (its prototypes rebuilt
-before training and after each epoch), OGM / OGM-GE after backward (after unscaling with AMP),
-D&R after each epoch's evaluation. It also gathers what each method did for the logs, on
+before training and after each epoch), OGM / OGM-GE and AGM after backward (after unscaling with
+AMP), D&R after each epoch's evaluation. It also gathers what each method did for the logs, on
 device, and syncs once per epoch.
 """
 
@@ -16,9 +17,20 @@ import torch
 import fastbml
 
 from ..models import MultimodalClassifier
-from .config import TrainConfig
+from .config import AMP_DTYPES, TrainConfig
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "pmr")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "agm", "pmr")
+# Parts that cannot share a run, and why.
+EXCLUSIVE = (
+    ({"ogm", "ogm-ge"}, "choose one of 'ogm' and 'ogm-ge'"),
+    ({"agm", "ogm"}, "'agm' and 'ogm' both rescale the encoders' gradients; choose one"),
+    ({"agm", "ogm-ge"}, "'agm' and 'ogm-ge' both rescale the encoders' gradients; choose one"),
+    ({"agm", "opm"}, "'agm' decomposes the fused output that 'opm' perturbs; they cannot be "
+                     "combined"),
+    ({"pmr", "dr"}, "'pmr' cannot be combined with 'dr': D&R re-initialises the encoders whose "
+                    "feature space PMR's prototypes describe, and their EMA would blend "
+                    "prototypes of two different encoders"),
+)
 
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
 # PMR's prototype subset: eval-mode (features, labels) batches, produced on demand
@@ -43,12 +55,9 @@ def parse_method(method: str) -> tuple[str, ...]:
         raise ValueError(f"method has unknown parts {bad}; choose from {METHODS}, joined by '+'")
     if "joint" in parts and len(parts) > 1:
         raise ValueError("method 'joint' (plain training) cannot be combined with others")
-    if {"ogm", "ogm-ge"} <= set(parts):
-        raise ValueError("method: choose one of 'ogm' and 'ogm-ge'")
-    if {"pmr", "dr"} <= set(parts):
-        raise ValueError("method 'pmr' cannot be combined with 'dr': D&R re-initialises the "
-                         "encoders whose feature space PMR's prototypes describe, and their "
-                         "EMA would blend prototypes of two different encoders")
+    for together, why in EXCLUSIVE:
+        if together <= set(parts):
+            raise ValueError(f"method: {why}")
     return parts
 
 
@@ -62,7 +71,7 @@ class MethodStack:
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
         seed = cfg.seed
-        self.ogm = self.opm = self.dr = self.pmr = None
+        self.ogm = self.opm = self.dr = self.agm = self.pmr = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
             self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
                                    form=cfg.ogm_form, noise="ogm-ge" in self.parts,
@@ -80,6 +89,12 @@ class MethodStack:
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
                 times=cfg.dr_times, lam=cfg.dr_lambda,
                 n_clusters=cfg.dr_clusters or num_classes, seed=seed, backend=cfg.backend)
+        if "agm" in self.parts:
+            self.agm = fastbml.AGM({m: model.encoders[m] for m in modalities}, model.head,
+                                   alpha=cfg.agm_alpha, start=cfg.agm_start, end=cfg.agm_end,
+                                   backend=cfg.backend)
+            self._agm_update = compiled(cfg, self.agm.update)
+        self._autocast = (device.type, AMP_DTYPES.get(cfg.amp))
         if "pmr" in self.parts:
             self.pmr = fastbml.PMR(modalities, num_classes, alpha=cfg.pmr_alpha,
                                    momentum=cfg.pmr_momentum, start=cfg.pmr_start,
@@ -115,11 +130,21 @@ class MethodStack:
         self.pmr.update_prototypes(epoch, batches())
 
     def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
-                       epoch: int) -> None:
-        """Modulate the encoders' gradients (OGM / OGM-GE) and accumulate the step's logs."""
+                       epoch: int, *, inputs: Mapping[str, torch.Tensor],
+                       logits: torch.Tensor) -> None:
+        """Modulate the encoders' gradients (OGM / OGM-GE from the uni-modal logits, AGM from
+        the batch's inputs and fused logits) and accumulate the step's logs."""
         if self.ogm is not None:
             self._ogm_step(unimodal, labels, epoch)
             self._add("coeff", self.ogm.last_coeffs)
+        if self.agm is not None and self.agm.active(epoch):
+            device_type, amp_dtype = self._autocast
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):  # the eval passes, as in forward
+                subsets = self.agm.subset_logits(inputs, logits)
+            self._agm_update(subsets, labels)
+            self._add("coeff", self.agm.last_coeffs)
+            self._add("agm_score", self.agm.last_scores)
         if self.opm is not None and self.opm.last_q is not None:
             self._add("drop_prob", self.opm.last_q)
         if self.pmr is not None and self.pmr.last_weights is not None:
@@ -131,8 +156,8 @@ class MethodStack:
         self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
 
     def epoch_logs(self) -> dict[str, float]:
-        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, pmr_weight_<m>:
-        the fraction of steps PMR's loss acted on m); resets the sums."""
+        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, agm_score_<m>,
+        pmr_weight_<m>: the fraction of steps PMR's loss acted on m); resets the sums."""
         out = {}
         for key, total in self._sums.items():
             for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
@@ -148,7 +173,8 @@ class MethodStack:
         return dict(self.dr.step(epoch, train_features, val_features) or {})
 
     def _helpers(self) -> tuple:
-        return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr), ("pmr", self.pmr))
+        return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr), ("agm", self.agm),
+                ("pmr", self.pmr))
 
     def state_dict(self) -> dict:
         return {name: helper.state_dict() for name, helper in
