@@ -54,7 +54,7 @@ def _torch_coefficients(grad, features, prototypes, class_mask, labels, lse):
     """a [B, C] of the module docstring, in the reference's dtype."""
     f, p, d = _reference_distances(features, prototypes)
     prob = torch.where(class_mask, torch.exp(-d - lse[:, None]), 0.0)
-    target = torch.nn.functional.one_hot(labels, p.shape[0]).to(d.dtype)
+    target = (labels[:, None] == torch.arange(p.shape[0], device=d.device)).to(d.dtype)
     kept = class_mask[labels][:, None]
     safe = torch.where(d != 0, d, 1.0)
     a = torch.where((d != 0) & kept, grad.to(d.dtype)[:, None] * (prob - target) / safe, 0.0)
