@@ -12,7 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS, CLASSES, COLUMNS = 16, 16, 32  # the [rows, classes, columns] tile of the distance loop
+CLASSES, COLUMNS = 16, 32  # the [rows, classes, columns] tile of the distance loop
+
+
+def row_block(batch: int) -> int:
+    """Rows per program: up to 16, fewer for small batches so that a batch of 64 still spreads
+    over dozens of programs (one program per block of rows)."""
+    return min(16, max(2, triton.next_power_of_2(triton.cdiv(batch, 128))))
 
 
 @triton.jit
@@ -92,31 +98,35 @@ def _coefficients_kernel(grad, features, prototypes, mask, labels, lse, coeffs, 
 
 
 def prototype_ce_forward(features: torch.Tensor, prototypes: torch.Tensor, mask: torch.Tensor,
-                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         labels: torch.Tensor, rows: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """features [B, D] (any strides), prototypes float32 [C, D] (unit column stride), mask
-    uint8 [C], labels int64 [B] -> (loss, lse), float32 [B] each."""
+    uint8 [C], labels int64 [B] -> (loss, lse), float32 [B] each; `rows` per program (a power
+    of two; default `row_block`)."""
     batch, dim = features.shape
     n_classes = prototypes.shape[0]
     loss = torch.empty(batch, dtype=torch.float32, device=features.device)
     lse = torch.empty(batch, dtype=torch.float32, device=features.device)
+    rows = rows or row_block(batch)
     if batch:
-        _forward_kernel[(triton.cdiv(batch, ROWS),)](
+        _forward_kernel[(triton.cdiv(batch, rows),)](
             features, prototypes, mask, labels, loss, lse, batch, n_classes, dim,
-            *features.stride(), prototypes.stride(0), ROWS=ROWS, CLASSES=CLASSES,
+            *features.stride(), prototypes.stride(0), ROWS=rows, CLASSES=CLASSES,
             COLUMNS=COLUMNS, num_warps=4)
     return loss, lse
 
 
 def prototype_ce_coefficients(grad: torch.Tensor, features: torch.Tensor,
                               prototypes: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                              lse: torch.Tensor) -> torch.Tensor:
+                              lse: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """a [B, C] float32: the gradient with respect to row i is sum_c a[i, c] (P_c - f_i)."""
     batch, dim = features.shape
     n_classes = prototypes.shape[0]
     coeffs = torch.empty(batch, n_classes, dtype=torch.float32, device=features.device)
+    rows = rows or row_block(batch)
     if batch:
-        _coefficients_kernel[(triton.cdiv(batch, ROWS),)](
+        _coefficients_kernel[(triton.cdiv(batch, rows),)](
             grad, features, prototypes, mask, labels, lse, coeffs, batch, n_classes, dim,
-            *features.stride(), prototypes.stride(0), ROWS=ROWS, CLASSES=CLASSES,
+            *features.stride(), prototypes.stride(0), ROWS=rows, CLASSES=CLASSES,
             COLUMNS=COLUMNS, num_warps=4)
     return coeffs

@@ -418,3 +418,26 @@ def test_pmr_step_makes_no_host_sync_on_cuda():
         step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("rows", [2, 16])
+def test_triton_result_does_not_depend_on_the_row_block(rows):
+    pytest.importorskip("triton")
+    from fastbml.kernels.prototype_cross_entropy import (
+        prototype_ce_coefficients,
+        prototype_ce_forward,
+    )
+
+    f, protos, mask, labels = problem(37, 19, 45)
+    grad = randn(37)
+    m8 = mask.view(torch.uint8)
+    loss, lse = prototype_ce_forward(f, protos, m8, labels, rows=rows)
+    ref_loss, ref_lse = prototype_ce_forward(f, protos, m8, labels, rows=4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.double(), definition(f, protos, mask, labels), rtol=2e-5,
+                               atol=2e-5)
+    a = prototype_ce_coefficients(grad, f, protos, m8, labels, lse, rows=rows)
+    torch.testing.assert_close(
+        a, prototype_ce_coefficients(grad, f, protos, m8, labels, lse, rows=4), rtol=1e-6,
+        atol=1e-6)
