@@ -15,9 +15,11 @@ import triton.language as tl
 CLASSES, COLUMNS = 16, 32  # the [rows, classes, columns] tile of the distance loop
 
 
-def row_block(batch: int) -> int:
-    """Rows per program: up to 16, fewer for small batches so that a batch of 64 still spreads
-    over dozens of programs (one program per block of rows)."""
+def row_block(batch: int, device: torch.device) -> int:
+    """Rows per program: 16 on CPU (the interpreter pays per program); on GPU up to 16, fewer
+    for small batches so that a batch of 64 still spreads over dozens of programs."""
+    if device.type == "cpu":
+        return 16
     return min(16, max(2, triton.next_power_of_2(triton.cdiv(batch, 128))))
 
 
@@ -107,7 +109,7 @@ def prototype_ce_forward(features: torch.Tensor, prototypes: torch.Tensor, mask:
     n_classes = prototypes.shape[0]
     loss = torch.empty(batch, dtype=torch.float32, device=features.device)
     lse = torch.empty(batch, dtype=torch.float32, device=features.device)
-    rows = rows or row_block(batch)
+    rows = rows or row_block(batch, features.device)
     if batch:
         _forward_kernel[(triton.cdiv(batch, rows),)](
             features, prototypes, mask, labels, loss, lse, batch, n_classes, dim,
@@ -123,7 +125,7 @@ def prototype_ce_coefficients(grad: torch.Tensor, features: torch.Tensor,
     batch, dim = features.shape
     n_classes = prototypes.shape[0]
     coeffs = torch.empty(batch, n_classes, dtype=torch.float32, device=features.device)
-    rows = rows or row_block(batch)
+    rows = rows or row_block(batch, features.device)
     if batch:
         _coefficients_kernel[(triton.cdiv(batch, rows),)](
             grad, features, prototypes, mask, labels, lse, coeffs, batch, n_classes, dim,
