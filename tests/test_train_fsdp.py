@@ -23,7 +23,7 @@ TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)  # uneven eval shards
 TINY_OPTIONS = (("n_train", 192), ("n_val", 95), ("n_test", 93))
 BATCH = 32
 # each method's settings for a 2-epoch run, and what it logs
-METHODS = {"joint": {}, "opm": {}}
+METHODS = {"joint": {}, "opm": {}, "pmr": {}}
 LOGGED = {"opm": "drop_prob_audio", "ogm-ge": "coeff_audio", "dr": "relearn_audio"}
 CUT = dict(method="opm", epochs=3)  # the runs resumed on another world size
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
