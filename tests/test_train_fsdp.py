@@ -128,6 +128,17 @@ def fsdp_job(rank, world, base):
         Trainer(_cfg(_out(base, "hsdp3", rank), fsdp=True, fsdp_shard_size=3), splits)
     except ValueError as exc:
         out["hsdp3"] = str(exc)
+    # rank 1 does not see rank 0's --out (as on a node-local disk): refused on every rank
+    from fastbml.train import engine
+
+    lock = engine.LOCK
+    if rank == 1:
+        engine.LOCK = ".not-shared"  # rank 1 looks for a lock file rank 0 never writes
+    try:
+        Trainer(_cfg(_out(base, "unshared", rank), fsdp=True), splits)
+    except ValueError as exc:
+        out["unshared"] = str(exc)
+    engine.LOCK = lock
     # bf16 mixed precision: computed in bf16, shards and gradients stay fp32
     mp = Trainer(_cfg(_out(base, "bf16", rank), method="opm", fsdp=True, epochs=1,
                       fsdp_mixed_precision="bf16"), splits)
@@ -253,6 +264,14 @@ def test_fsdp_writes_sharded_checkpoints_into_rank0_out(fsdp):
     state = ckpt.load_sharded_state(run / "checkpoint_last.dcp")
     assert state["world_size"] == 2 and state["epoch"] == 2 and state["config"]["fsdp"]
     assert json.loads((run / "summary.json").read_text())["method"] == "opm"
+
+
+def test_fsdp_refuses_an_out_the_ranks_do_not_share(fsdp):
+    base, (r0, r1), _ = fsdp
+    for rank in (r0, r1):
+        assert rank["unshared"].startswith("--fsdp: 1 rank(s) cannot see rank 0's --out "
+                                           f"{(base / 'unshared').resolve()}")
+        assert "a file system all ranks share" in rank["unshared"]
 
 
 def test_fsdp_bf16_mixed_precision(fsdp):
