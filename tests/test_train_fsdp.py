@@ -408,3 +408,28 @@ def test_fsdp_compiled_forward_equals_eager(tmp_path):
     eager, compiled = values(run_ranks(compile_job, str(tmp_path)))[0].values()
     for name, tensor in eager.items():
         torch.testing.assert_close(compiled[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def damaged_resume_job(rank, world, out):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(_cfg(out, method="opm", fsdp=True), make_synthetic(0, TINY),
+                          resume=True)
+    trainer.close()
+    return trainer.start_epoch, [str(w.message) for w in caught if "--resume" in str(w.message)]
+
+
+def test_a_damaged_shard_resumes_from_the_previous_checkpoint(fsdp, tmp_path):
+    """The ranks hash the files in parallel, rank 0 finds the damaged shard and falls back."""
+    base, _, _ = fsdp
+    run = tmp_path / "run"
+    shutil.copytree(base / "opm-fsdp", run)
+    shard = run / "checkpoint_last.dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1])  # truncated by one byte
+    (start0, warned0), (start1, warned1) = values(run_ranks(damaged_resume_job, str(run)))
+    assert start0 == start1 == 1  # the previous checkpoint's epoch
+    assert len(warned0) == 1 and not warned1
+    assert "__1_0.distcp is missing or does not match" in warned0[0]
+    assert "resuming from the previous checkpoint" in warned0[0]

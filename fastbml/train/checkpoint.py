@@ -143,8 +143,21 @@ def save_sharded(tensors: dict, state: dict, path: Path, previous: Path | None =
         dist.barrier(group)
 
 
-def load_sharded_state(path: Path) -> dict:
-    """The host state of sharded checkpoint `path`, after checking every file's SHA-256."""
+def sharded_digests(paths: list[Path], group: dist.ProcessGroup | None = None) -> dict[str, str]:
+    """Collective: the SHA-256 of every file of the sharded checkpoints `paths` (those that
+    exist), each rank hashing a share of the files; every rank gets them all."""
+    rank, world = _rank_world(group)
+    files = sorted(str(f) for p in paths if p.is_dir() for f in p.iterdir() if f.is_file())
+    everyone = [{f: _digest(Path(f)) for f in files[rank::world]}]
+    if world > 1:
+        mine, everyone = everyone[0], [None] * world
+        dist.all_gather_object(everyone, mine, group=group)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def load_sharded_state(path: Path, digests: dict[str, str] | None = None) -> dict:
+    """The host state of sharded checkpoint `path`, after checking every file's SHA-256
+    (taken from `digests`, by file path, where `sharded_digests` computed them)."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     manifest = path / MANIFEST
@@ -157,7 +170,8 @@ def load_sharded_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no .metadata")
     for name, digest in sorted(listed.items()):
         file = path / name
-        if Path(name).name != name or not file.is_file() or _digest(file) != digest:
+        if Path(name).name != name or not file.is_file() or (
+                (digests or {}).get(str(file)) or _digest(file)) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing or does not "
                                   f"match its SHA-256 in {MANIFEST}")
     try:

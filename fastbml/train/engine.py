@@ -349,6 +349,7 @@ class Trainer:
         self.world = dist.get_world_size() if ranked else 1
         self.distributed = self.world > 1
         self.fsdp = cfg.fsdp  # FSDP2 on the group's ranks (one process: a group of one)
+        self._digests: dict[str, str] = {}  # SHA-256 of sharded checkpoint files, by path
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg.device)
         if self.distributed:
@@ -769,7 +770,9 @@ class Trainer:
 
     def _read_state(self, path: Path) -> dict:
         """The verified checkpoint at `path` (of a sharded one: its host state), on the CPU."""
-        return ckpt.load_sharded_state(path) if self.fsdp else ckpt.load(path)
+        if self.fsdp:
+            return ckpt.load_sharded_state(path, self._digests)
+        return ckpt.load(path)
 
     def _sharded_state(self, *, model_only: bool = False) -> dict:
         """Under --fsdp: the state dicts DCP writes and fills in place (parameters and optimiser
@@ -798,8 +801,9 @@ class Trainer:
     def _load_best(self) -> None:
         """The best epoch's model into self.model, on every rank."""
         path = self._path(BEST)
-        if self.fsdp:  # rank 0 verifies it, every rank reads its shards
-            _on_rank0(lambda: ckpt.load_sharded_state(path), self.distributed, self.device)
+        if self.fsdp:  # the ranks hash it, rank 0 verifies it, every rank reads its shards
+            self._digests = ckpt.sharded_digests([path])
+            _on_rank0(lambda: self._read_state(path), self.distributed, self.device)
             tensors = self._sharded_state(model_only=True)
             ckpt.load_sharded(tensors, path)
             set_model_state_dict(self.model, tensors["model"])
@@ -885,6 +889,8 @@ class Trainer:
                                    f"expects the best epoch {epoch}")
 
     def _load_checkpoint(self) -> list[dict]:
+        if self.fsdp:  # the ranks hash the files rank 0 verifies (the previous ones: rank 0)
+            self._digests = ckpt.sharded_digests([self._path(CHECKPOINT), self._path(BEST)])
         state, path = (None, None)
         if self.is_main:
             state, path = self._read_checkpoint_or_message()
