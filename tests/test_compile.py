@@ -258,7 +258,11 @@ def _opcheck_cases(device):
     ops = torch.ops.fastbml
     yield "scale_noise_", ops.scale_noise_.default, (
         [r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)], [0, 1, 0],
-        torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True)
+        torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True, [0, 24, 64], None)
+    yield "scale_noise_", ops.scale_noise_.default, (  # a shard: offsets inside a block, std given
+        [r(7, 3), r(5)], [0, 1], torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True,
+        [9, 130], torch.tensor([0.7, 1.1], dtype=torch.float64, device=device))
+    yield "moments", ops.moments.default, ([r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)],)
     yield "lerp_", ops.lerp_.default, (
         [r(5, 4), r(9)], [r(5, 4), r(9)], [0, 1], torch.tensor([0.3, 0.6], device=device))
     yield "true_class_prob", ops.true_class_prob.default, (
