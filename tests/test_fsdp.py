@@ -1,0 +1,304 @@
+"""The methods under FSDP2 (`fully_shard`; gloo, 2 CPU processes, and HSDP on a 2 x 2 mesh of
+4): sharded OGM-GE equals one process modulating the whole gradients (noise included, uneven
+and empty shards), soft re-initialisation equals the unsharded one, D&R's sharded snapshot
+round-trips through its state_dict and torch.distributed.checkpoint, OPM runs per rank, and
+unsupported layouts are refused (docs/design.md#distributed-training)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from distributed_utils import run_ranks, values
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastbml
+from fastbml import rng
+
+GLOBAL_BATCH, SEED = 16, 21
+BACKENDS = ("torch", "cpp", "triton")
+
+
+class Net(nn.Module):
+    """Encoders whose weights shard unevenly over 2 and 4 ranks: dim 0 of 7, 5, 9 and 1 (the
+    last leaves the second rank an empty shard)."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio = nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 5))
+        self.visual = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, a, v):
+        fa, fv = self.audio(a), self.visual(v)
+        u_a, u_v = fastbml.concat_unimodal_logits([fa, fv], self.head.weight, self.head.bias)
+        return self.head(torch.cat([fa, fv], dim=1)), u_a, u_v
+
+
+def global_batch(step=0):
+    g = torch.Generator().manual_seed(300 + step)
+    return (torch.randn(GLOBAL_BATCH, 10, generator=g) * 2,
+            torch.randn(GLOBAL_BATCH, 6, generator=g),
+            torch.randint(0, 4, (GLOBAL_BATCH,), generator=g))
+
+
+def sharded_net(hsdp: bool = False) -> Net:
+    torch.manual_seed(0)
+    model = Net()
+    mesh = (init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else None)
+    for module in (model.audio, model.visual, model):
+        fully_shard(module, mesh=mesh)
+    return model
+
+
+class Allocations(TorchDispatchMode):
+    """Records every op's name and the sizes of the tensors it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[int]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (list, tuple)) else [out]
+        self.ops.append((str(func), [t.numel() for t in flat if isinstance(t, torch.Tensor)]))
+        return out
+
+
+def ogm_ranks(rank, world, hsdp):
+    """Per backend: the whole gradients before OGM-GE (gathered here, for the test only), the
+    coefficients, the whole gradients after, and what the step allocated and communicated."""
+    out = {}
+    for backend in BACKENDS:
+        model = sharded_net(hsdp)
+        ogm = fastbml.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, seed=SEED,
+                          backend=backend)
+        a, v, y = (t.chunk(world)[rank] for t in global_batch())
+        z, u_a, u_v = model(a, v)
+        F.cross_entropy(z, y).backward()
+        grads = [p.grad for group in ogm.params for p in group]
+        assert all(isinstance(g, torch.distributed.tensor.DTensor) for g in grads)
+        before = [g.full_tensor() for g in grads]
+        with Allocations() as record:
+            ogm.step({"audio": u_a, "visual": u_v}, y, epoch=0)
+        out[backend] = {"before": before, "after": [g.full_tensor() for g in grads],
+                        "coeffs": ogm.last_coeffs.clone(), "ops": record.ops,
+                        "local": [g.to_local().numel() for g in grads],
+                        "placements": [str(g.placements) for g in grads]}
+    return out
+
+
+def single_process_ogm(backend):
+    """OGM-GE on one process, the whole model and the global batch."""
+    torch.manual_seed(0)
+    model = Net()
+    ogm = fastbml.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, seed=SEED,
+                      backend=backend)
+    a, v, y = global_batch()
+    z, u_a, u_v = model(a, v)
+    F.cross_entropy(z, y).backward()
+    ogm.step({"audio": u_a, "visual": u_v}, y, epoch=0)
+    return ogm.last_coeffs, [p.grad for group in ogm.params for p in group]
+
+
+def check_ogm(results, n_tensors):
+    for backend in BACKENDS:
+        ranks = [r[backend] for r in results]
+        for r in ranks[1:]:  # every rank holds the same whole gradients
+            assert all(torch.equal(a, b) for a, b in zip(r["after"], ranks[0]["after"]))
+        first = ranks[0]
+        # the same whole gradients modulated by one process, with the same seed: equal noise
+        grads = [g.clone() for g in first["before"]]
+        params = [nn.Parameter(torch.empty_like(g)) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        fastbml.ogm_modulate_([params[:2], params[2:]], first["coeffs"],
+                              seed=rng.step_seed(SEED, 0), backend=backend)
+        for p, after, before in zip(params, first["after"], first["before"]):
+            torch.testing.assert_close(after, p.grad, rtol=1e-6, atol=1e-7)
+            assert not torch.allclose(after, before * 1.0, atol=1e-4)  # noise was added
+        # and one process on the global batch: the same coefficients and gradients
+        coeffs, single = single_process_ogm(backend)
+        torch.testing.assert_close(first["coeffs"], coeffs, rtol=1e-5, atol=1e-6)
+        for after, g in zip(first["after"], single):
+            torch.testing.assert_close(after, g, rtol=1e-4, atol=1e-5)
+        # communicated: the M scores and one [T, 3] float64 moments tensor, nothing else
+        collectives = [(op, sizes) for op, sizes in first["ops"] if op.startswith("c10d")]
+        assert sorted(sizes[0] for _, sizes in collectives) == [2, 3 * n_tensors], collectives
+        assert all("allreduce" in op for op, _ in collectives)
+        # allocated: nothing as large as a whole gradient that this rank holds only part of
+        wholes = [g.numel() for g, n in zip(first["before"], first["local"]) if n < g.numel()]
+        if backend == "cpp":
+            biggest = max(max(sizes, default=0) for op, sizes in first["ops"])
+            assert biggest < min(wholes), first["ops"]
+
+
+def test_ogm_ge_under_fsdp2_equals_one_process_on_the_whole_gradients():
+    results = values(run_ranks(ogm_ranks, False))
+    assert results[0]["cpp"]["placements"][0] == "(Shard(dim=0),)"
+    assert results[1]["cpp"]["local"] == [3 * 10, 2 * 7, 4 * 6, 0]  # uneven, one empty
+    check_ogm(results, 4)
+
+
+def test_ogm_ge_under_hsdp_reduces_moments_over_the_shard_dimension():
+    results = values(run_ranks(ogm_ranks, True, world=4))
+    assert results[0]["cpp"]["placements"][0] == "(Replicate(), Shard(dim=0))"
+    check_ogm(results, 4)
+
+
+# ---------------------------------------------------------------------------- D&R
+
+
+def relearn_ranks(rank, world, path):
+    model = sharded_net()
+    dr = fastbml.DiagnoseRelearn({"audio": model.audio, "visual": model.visual}, every=1,
+                                 times=1)
+    snapshot = dr.state_dict()["init_params"]
+    assert all(isinstance(p, torch.distributed.tensor.DTensor) and p.placements == (Shard(0),)
+               for group in snapshot for p in group)
+    with torch.no_grad():  # training moved the weights
+        for p in model.parameters():
+            p.add_(torch.full_like(p, 0.5))
+    moved = [p.full_tensor() for p in model.parameters()]
+    with Allocations() as record:
+        dr.relearn({"audio": 0.25, "visual": 0.75})
+    assert not [op for op, _ in record.ops if op.startswith("c10d")]  # local: no communication
+    relearned = [p.full_tensor() for p in model.parameters()]
+    # state_dict round trip through torch.distributed.checkpoint, into a fresh helper
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"dr": dr.state_dict()}, checkpoint_id=path)
+    other = sharded_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(3.0)  # a different "initialisation"
+    fresh = fastbml.DiagnoseRelearn({"audio": other.audio, "visual": other.visual}, every=1)
+    state = {"dr": fresh.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    fresh.load_state_dict(state["dr"])
+    restored = [[p.full_tensor() for p in group] for group in fresh.init_params]
+    # a whole (unsharded) snapshot loads into the sharded helper too
+    whole = {"count": 1, "init_params": restored, "config": None}
+    again = fastbml.DiagnoseRelearn({"audio": other.audio, "visual": other.visual}, every=1)
+    again.load_state_dict(whole)
+    assert all(torch.equal(p.full_tensor(), q) for g, h in zip(again.init_params, restored)
+               for p, q in zip(g, h))
+    return moved, relearned, restored, fresh.count
+
+
+def test_soft_reinit_of_sharded_encoders_equals_the_unsharded_one():
+    with pytest.MonkeyPatch.context():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results = values(run_ranks(relearn_ranks, tmp))
+    moved, relearned, restored, count = results[0]
+    torch.manual_seed(0)
+    model = Net()
+    init = [[p.detach().clone() for p in m.parameters()] for m in (model.audio, model.visual)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    groups = [list(model.audio.parameters()), list(model.visual.parameters())]
+    fastbml.soft_reinit_(groups, init, [0.25, 0.75])
+    for p, q in zip(model.parameters(), relearned):
+        torch.testing.assert_close(q, p.detach(), rtol=0, atol=0)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r[1], relearned))
+    for g, h in zip(restored, init):  # the snapshot saved and loaded is the initialisation
+        for p, q in zip(g, h):
+            assert torch.equal(p, q)
+    assert count == 0
+
+
+# ---------------------------------------------------------------------------- OPM
+
+
+class OPMNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.opm = fastbml.OPM(["audio", "visual"], p_exe=1.0, seed=4)
+
+    def forward(self, a, v, y):
+        feats = {"audio": self.audio(a), "visual": self.visual(v)}
+        u = fastbml.concat_unimodal_logits([feats["audio"], feats["visual"]],
+                                           self.head.weight.detach(), self.head.bias.detach())
+        out, w = self.opm(feats, dict(zip(("audio", "visual"), u)), y, epoch=0)
+        return self.head(torch.cat([out["audio"], out["visual"]], dim=1)), w
+
+
+def opm_ranks(rank, world):
+    torch.manual_seed(0)
+    model = OPMNet()
+    for module in (model.audio, model.visual, model):
+        fully_shard(module)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = []
+    for step in range(3):
+        a, v, y = (t.chunk(world)[rank] for t in global_batch(step))
+        logits, w = model(a, v, y)
+        opt.zero_grad()
+        (F.cross_entropy(logits, y, reduction="none") * w).sum().backward()
+        opt.step()
+        record.append((model.opm.last_q.clone(), w.detach().clone()))
+    return record, [p.full_tensor() for p in model.parameters()]
+
+
+def test_opm_under_fsdp2_shares_q_and_draws_masks_per_rank():
+    (rec0, params0), (rec1, params1) = values(run_ranks(opm_ranks))
+    for (q0, w0), (q1, w1) in zip(rec0, rec1):
+        assert torch.equal(q0, q1)  # q of the global batch on both ranks
+    assert any(not torch.equal(w0, w1) for (_, w0), (_, w1) in zip(rec0, rec1))  # own masks
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("placement", [Shard(1), Partial()])
+def test_unsupported_gradient_placements_are_refused_with_the_parameter_named(
+        one_rank_mesh, placement):
+    p = nn.Parameter(distribute_tensor(torch.randn(8, 4), one_rank_mesh, [Replicate()]))
+    grad = distribute_tensor(torch.randn(8, 4), one_rank_mesh, [Replicate()])
+    p.grad = grad.redistribute(one_rank_mesh, [placement]) if placement.is_shard() else \
+        torch.distributed.tensor.DTensor.from_local(grad.to_local(), one_rank_mesh, [placement])
+    q = nn.Parameter(torch.randn(3, 3))
+    q.grad = torch.randn(3, 3)
+    with pytest.raises(ValueError, match=rf"params\[0\]\[0\]\.grad is a DTensor with placement "
+                                         rf"{type(placement).__name__}"):
+        fastbml.ogm_modulate_([[p], [q]], torch.ones(2), backend="cpp")
+    enc = nn.Linear(4, 8)
+    enc.weight = p
+    ogm = fastbml.OGM({"audio": enc, "visual": [q]}, alpha=0.5, seed=1)
+    with pytest.raises(ValueError, match=r"params\[0\]\[0\]\.grad \(audio\.weight\) is a "
+                                         "DTensor with placement"):
+        ogm.step([torch.randn(4, 3), torch.randn(4, 3)], torch.zeros(4, dtype=torch.long), 0)
+
+
+def test_a_snapshot_not_sharded_like_its_parameter_is_refused(one_rank_mesh):
+    p = distribute_tensor(torch.randn(6, 2), one_rank_mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"params\[0\] is a DTensor .* init_params\[0\] a Tensor"):
+        fastbml.soft_reinit_([p], [torch.randn(6, 2)], 0.5)
+    other = distribute_tensor(torch.randn(6, 2), one_rank_mesh, [Replicate()])
+    with pytest.raises(ValueError, match=r"init_params\[0\] a DTensor with placements "
+                                         r"\(Replicate\(\),\)"):
+        fastbml.soft_reinit_([p], [other], 0.5)
+    snapshot = p.detach().clone()
+    expected = p.full_tensor() * 0.5 + snapshot.full_tensor() * 0.5
+    fastbml.soft_reinit_([p], [snapshot], 0.0)
+    fastbml.soft_reinit_([p], [snapshot], 0.5)
+    torch.testing.assert_close(p.full_tensor(), expected)
