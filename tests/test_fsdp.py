@@ -168,11 +168,12 @@ def relearn_ranks(rank, world, path):
     with torch.no_grad():  # training moved the weights
         for p in model.parameters():
             p.add_(torch.full_like(p, 0.5))
-    moved = [p.full_tensor() for p in model.parameters()]
-    with Allocations() as record:
-        dr.relearn({"audio": 0.25, "visual": 0.75})
-    assert not [op for op, _ in record.ops if op.startswith("c10d")]  # local: no communication
-    relearned = [p.full_tensor() for p in model.parameters()]
+    moved = [p.detach().full_tensor() for p in model.parameters()]
+    dr.relearn({"audio": 0.25, "visual": 0.75})  # first call: the ranks' agreement check
+    with Allocations() as record:  # then local: no communication
+        dr.relearn({"audio": 0.0, "visual": 0.0})
+    assert record.ops and not [op for op, _ in record.ops if op.startswith("c10d")]
+    relearned = [p.detach().full_tensor() for p in model.parameters()]
     # state_dict round trip through torch.distributed.checkpoint, into a fresh helper
     import torch.distributed.checkpoint as dcp
 
@@ -233,7 +234,8 @@ class OPMNet(Net):
         u = fastbml.concat_unimodal_logits([feats["audio"], feats["visual"]],
                                            self.head.weight.detach(), self.head.bias.detach())
         out, w = self.opm(feats, dict(zip(("audio", "visual"), u)), y, epoch=0)
-        return self.head(torch.cat([out["audio"], out["visual"]], dim=1)), w
+        dropped = torch.stack([(out[m] == 0).all(dim=1) for m in ("audio", "visual")])
+        return self.head(torch.cat([out["audio"], out["visual"]], dim=1)), w, dropped
 
 
 def opm_ranks(rank, world):
@@ -243,21 +245,23 @@ def opm_ranks(rank, world):
         fully_shard(module)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     record = []
-    for step in range(3):
+    for step in range(6):
         a, v, y = (t.chunk(world)[rank] for t in global_batch(step))
-        logits, w = model(a, v, y)
+        logits, w, dropped = model(a, v, y)
         opt.zero_grad()
         (F.cross_entropy(logits, y, reduction="none") * w).sum().backward()
         opt.step()
-        record.append((model.opm.last_q.clone(), w.detach().clone()))
-    return record, [p.full_tensor() for p in model.parameters()]
+        record.append((model.opm.last_q.clone(), dropped))
+    return record, [p.detach().full_tensor() for p in model.parameters()]
 
 
 def test_opm_under_fsdp2_shares_q_and_draws_masks_per_rank():
     (rec0, params0), (rec1, params1) = values(run_ranks(opm_ranks))
-    for (q0, w0), (q1, w1) in zip(rec0, rec1):
+    for (q0, drop0), (q1, drop1) in zip(rec0, rec1):
         assert torch.equal(q0, q1)  # q of the global batch on both ranks
-    assert any(not torch.equal(w0, w1) for (_, w0), (_, w1) in zip(rec0, rec1))  # own masks
+        assert not drop0[q0 == 0].any() and not drop1[q1 == 0].any()  # only the dominant one
+    assert any(d0.any() for _, d0 in rec0)
+    assert any(not torch.equal(d0, d1) for (_, d0), (_, d1) in zip(rec0, rec1))  # own masks
     assert all(torch.equal(a, b) for a, b in zip(params0, params1))
 
 
