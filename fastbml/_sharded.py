@@ -8,6 +8,7 @@ Nothing here communicates, gathers or allocates a whole tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,13 +59,20 @@ def dim0_shard(tensor: torch.Tensor, name: str) -> Dim0Shard:
     if not shard_dims:
         return Dim0Shard(local, 0, None)
     mesh = tensor.device_mesh
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
-    if tuple(local.shape) != tuple(shape):
+    shape, first = _dim0_layout(tuple(tensor.shape), mesh, placements)
+    if tuple(local.shape) != shape:
         raise ValueError(f"{name} is a DTensor whose local tensor has shape "
-                         f"{tuple(local.shape)} where its placements give {tuple(shape)}: "
+                         f"{tuple(local.shape)} where its placements give {shape}: "
                          "fastbml supports the shards of torch.chunk (DTensor's Shard(0))")
-    return Dim0Shard(local, offset[0] * math.prod(tensor.shape[1:]),
-                     mesh.get_group(shard_dims[0]))
+    return Dim0Shard(local, first, mesh.get_group(shard_dims[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dim0_layout(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[tuple[int, ...], int]:
+    """(local shape, first flattened index) of this rank's shard: the same for every step of a
+    training loop, so computed once per parameter layout."""
+    local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(local), offset[0] * math.prod(shape[1:])
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -316,25 +316,6 @@ def test_tensor_subclasses_are_refused_with_the_argument_named(backend):
                          seed=1, backend=backend)
 
 
-def test_a_dtensor_gradient_is_refused_not_handed_to_a_kernel(tmp_path):
-    """A one-rank gloo mesh of CPU tensors (on any machine)."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        p = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
-        q = nn.Parameter(torch.randn(3, 3))
-        q.grad = torch.randn(3, 3)
-        with pytest.raises(TypeError, match=r"params\[0\]\[0\]\.grad is a DTensor"):
-            fastbml.ogm_modulate_([[p], [q]], torch.ones(2), backend="cpp")
-    finally:
-        dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------------------- CUDA graphs
 
 

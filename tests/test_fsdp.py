@@ -57,11 +57,25 @@ def sharded_net(hsdp: bool = False) -> Net:
 
 
 class Allocations(TorchDispatchMode):
-    """Records every op's name and the sizes of the tensors it returns (views excepted)."""
+    """Records every op's name and the sizes of the tensors it returns (views excepted), and
+    the size of the process group of each of fastbml's all_reduces."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[tuple[str, list[int]]] = []
+        self.group_sizes: list[int] = []
+        self._all_reduce = fastbml.distributed.all_reduce_sum_
+
+    def __enter__(self):
+        def all_reduce(tensor, group):
+            self.group_sizes.append(dist.get_world_size(group))
+            return self._all_reduce(tensor, group)
+        fastbml.distributed.all_reduce_sum_ = all_reduce
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        fastbml.distributed.all_reduce_sum_ = self._all_reduce
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -90,6 +104,7 @@ def ogm_ranks(rank, world, hsdp):
             ogm.step({"audio": u_a, "visual": u_v}, y, epoch=0)
         out[backend] = {"before": before, "after": [g.full_tensor() for g in grads],
                         "coeffs": ogm.last_coeffs.clone(), "ops": record.ops,
+                        "group_sizes": record.group_sizes,
                         "local": [g.to_local().numel() for g in grads],
                         "placements": [str(g.placements) for g in grads]}
     return out
@@ -108,7 +123,8 @@ def single_process_ogm(backend):
     return ogm.last_coeffs, [p.grad for group in ogm.params for p in group]
 
 
-def check_ogm(results, n_tensors):
+def check_ogm(results, n_tensors, group_sizes):
+    """`group_sizes`: those of the scores' and of the moments' all_reduce."""
     for backend in BACKENDS:
         ranks = [r[backend] for r in results]
         for r in ranks[1:]:  # every rank holds the same whole gradients
@@ -133,6 +149,7 @@ def check_ogm(results, n_tensors):
         collectives = [(op, sizes) for op, sizes in first["ops"] if op.startswith("c10d")]
         assert sorted(sizes[0] for _, sizes in collectives) == [2, 3 * n_tensors], collectives
         assert all("allreduce" in op for op, _ in collectives)
+        assert first["group_sizes"] == group_sizes
         # allocated by the modulation (after the scores' all_reduce): nothing as large as a
         # whole gradient that this rank holds only part of
         wholes = [g.numel() for g, n in zip(first["before"], first["local"]) if n < g.numel()]
@@ -146,13 +163,13 @@ def test_ogm_ge_under_fsdp2_equals_one_process_on_the_whole_gradients():
     results = values(run_ranks(ogm_ranks, False))
     assert results[0]["cpp"]["placements"][0] == "(Shard(dim=0),)"
     assert results[1]["cpp"]["local"] == [3 * 10, 2 * 7, 4 * 6, 0]  # uneven, one empty
-    check_ogm(results, 4)
+    check_ogm(results, 4, [2, 2])
 
 
 def test_ogm_ge_under_hsdp_reduces_moments_over_the_shard_dimension():
     results = values(run_ranks(ogm_ranks, True, world=4))
     assert results[0]["cpp"]["placements"][0] == "(Replicate(), Shard(dim=0))"
-    check_ogm(results, 4)
+    check_ogm(results, 4, [4, 2])  # scores over the 4 ranks, moments over a shard group of 2
 
 
 # ---------------------------------------------------------------------------- D&R
@@ -265,7 +282,7 @@ def test_opm_under_fsdp2_shares_q_and_draws_masks_per_rank():
     assert all(torch.equal(a, b) for a, b in zip(params0, params1))
 
 
-# ---------------------------------------------------------------------------- refusals
+# ---------------------------------------------------------------------------- one rank
 
 
 @pytest.fixture
@@ -276,6 +293,33 @@ def one_rank_mesh(tmp_path):
         yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("placement", [Shard(0), Replicate()])
+def test_dtensor_gradients_are_modulated_through_their_local_tensors(one_rank_mesh, backend,
+                                                                     placement):
+    """On a mesh of one rank a DTensor gradient is its local tensor: the same result as plain
+    gradients, alongside plain ones."""
+    shapes = [(8, 4), (5,), (1, 3)]
+    grads = [torch.randn(s) + 0.1 for s in shapes]
+    plain = [nn.Parameter(torch.empty(s)) for s in shapes]
+    sharded = [nn.Parameter(distribute_tensor(torch.empty(s), one_rank_mesh, [placement]))
+               for s in shapes[:2]] + [nn.Parameter(torch.empty(shapes[2]))]
+    for p, q, g in zip(plain, sharded, grads):
+        p.grad = g.clone()
+        q.grad = (distribute_tensor(g.clone(), one_rank_mesh, [placement])
+                  if isinstance(q, torch.distributed.tensor.DTensor) else g.clone())
+    coeffs = torch.tensor([0.6, 0.9])
+    fastbml.ogm_modulate_([plain[:1], plain[1:]], coeffs, seed=3, backend=backend)
+    fastbml.ogm_modulate_([sharded[:1], sharded[1:]], coeffs, seed=3, backend=backend)
+    for p, q in zip(plain, sharded):
+        got = q.grad.full_tensor() if isinstance(q.grad, torch.distributed.tensor.DTensor) \
+            else q.grad
+        torch.testing.assert_close(got, p.grad, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- refusals
 
 
 @pytest.mark.parametrize("placement", [Shard(1), Partial()])
