@@ -1,4 +1,4 @@
-"""DTensor parameters and gradients as the kernels see them (docs/design.md#distributed-training).
+"""DTensor parameters and gradients as the kernels see them (docs/design.md#fsdp2).
 
 A kernel is handed the local tensor of a DTensor, never the DTensor: this module says what that
 local tensor is (where its first element lies in the whole tensor's flattened order, which

@@ -158,7 +158,7 @@ def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
                noise: bool, seed: rng.Seed | None, backend: str,
                labels: Sequence[str] | None = None) -> None:
     """g <- k g (+ noise) over the gradients; DTensor ones through their local shards
-    (docs/design.md#distributed-training).
+    (docs/design.md#fsdp2).
 
     A shard of a DTensor sharded on dim 0 is a contiguous range of the whole tensor's
     flattened elements: it draws the noise of the whole tensor's indices there, and its std
@@ -249,7 +249,7 @@ class OGM(MethodScaffold):
     DTensors sharded on dim 0: each rank modulates its shards, with each whole gradient's std
     (one all_reduce of 3 float64 per tensor over the sharding group) and the noise of the
     whole tensor's indices, so the result equals one process modulating the whole gradients
-    (docs/design.md#distributed-training). With gradient accumulation, call `step` once per
+    (docs/design.md#fsdp2). With gradient accumulation, call `step` once per
     optimizer step, after the last backward; the scores are then the last micro-batch's.
     `last_scores` and `last_coeffs` (device tensors, no sync) hold the latest step's values;
     the coefficients are the ones applied (ones outside the window).

@@ -67,7 +67,7 @@ def _combine(moments, first_chunk, n_iters, CHUNKS: tl.constexpr):
 
 @triton.jit
 def _sigma_kernel(moments, first_chunk, sigma, eps, n_iters, CHUNKS: tl.constexpr):
-    total, mean, m2 = _combine(moments, first_chunk, n_iters, CHUNKS)
+    total, _, m2 = _combine(moments, first_chunk, n_iters, CHUNKS)
     var = tl.where(total > 1.0, m2 / tl.maximum(total - 1.0, 1.0), 0.0)
     tl.store(sigma + tl.program_id(0), (tl.sqrt(var) + eps).to(tl.float32))
 
@@ -152,8 +152,7 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
     if noise and std is not None:
         all_sigma = (std + eps).to(torch.float32)
     for dtype, members in by_dtype(tensors).items():
-        chunk_tensor, chunk_start, first_chunk = chunk_table([tensors[i].numel() for i in members],
-                                                             block)
+        chunk_tensor, chunk_start, _ = chunk_table([tensors[i].numel() for i in members], block)
         per_tensor = device_table(
             [[tensors[i].data_ptr() for i in members], [tensors[i].numel() for i in members],
              [offsets[i] for i in members], [scale_index[i] for i in members]], device)

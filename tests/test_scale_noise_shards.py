@@ -1,4 +1,4 @@
-"""The pieces sharded OGM-GE is built from (docs/design.md#distributed-training): scale_noise_ on
+"""The pieces sharded OGM-GE is built from (docs/design.md#fsdp2): scale_noise_ on
 shards with stream offsets that start inside a Philox block and stds supplied by the caller,
 and the moments op whose rows add up over shards. Every backend against the torch reference."""
 

@@ -2,7 +2,7 @@
 tensors, and `multi_tensor_moments`: each tensor's (count, sum, sum of squares).
 
 The std is that of each tensor's values *before* scaling, or one the caller supplies (the std
-of a whole tensor of which the op is given a shard: docs/design.md#distributed-training). A
+of a whole tensor of which the op is given a shard: docs/design.md#fsdp2). A
 tensor with one element has no unbiased std; its noise std is `eps`. Non-finite values are not
 masked: a tensor that holds inf/NaN comes out non-finite (its std is non-finite), the other
 tensors are unaffected. Registered as `torch.ops.fastbml.scale_noise_` and
