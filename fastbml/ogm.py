@@ -97,7 +97,8 @@ def _reject_grad(groups: list[list[torch.Tensor]], p: torch.Tensor,
     """Raises the error that says why p.grad cannot be modulated."""
     m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group) if q is p)
     name, g = f"params[{m}][{j}].grad", p.grad
-    check_plain(g, name)
+    if not is_dtensor(g):
+        check_plain(g, name)
     if g.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {g.dtype}")
     if g.device != device:

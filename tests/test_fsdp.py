@@ -236,6 +236,39 @@ def test_soft_reinit_of_sharded_encoders_equals_the_unsharded_one(tmp_path):
     assert count == 0
 
 
+def hsdp_relearn_ranks(rank, world):
+    """D&R on a 2 x 2 HSDP mesh: replica 1 starts from a perturbed snapshot, which the
+    first-step agreement replaces with replica 0's, shard by shard."""
+    model = sharded_net(hsdp=True)
+    dr = fastbml.DiagnoseRelearn({"audio": model.audio, "visual": model.visual}, every=1)
+    replica = model.audio[0].weight.device_mesh.get_coordinate()[0]
+    if replica == 1:
+        with torch.no_grad():
+            for group in dr.init_params:
+                for p in group:
+                    p.add_(1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    dr.relearn({"audio": 0.5, "visual": 1.0})
+    return [p.detach().full_tensor() for p in model.parameters()]
+
+
+def test_soft_reinit_under_hsdp_takes_the_first_replicas_snapshot():
+    results = values(run_ranks(hsdp_relearn_ranks, world=4))
+    torch.manual_seed(0)
+    model = Net()
+    init = [[p.detach().clone() for p in m.parameters()] for m in (model.audio, model.visual)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    fastbml.soft_reinit_([list(model.audio.parameters()), list(model.visual.parameters())],
+                         init, [0.5, 1.0])
+    for r in results:
+        for p, q in zip(model.parameters(), r):
+            torch.testing.assert_close(q, p.detach(), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- OPM
 
 
@@ -315,6 +348,18 @@ def test_dtensor_gradients_are_modulated_through_their_local_tensors(one_rank_me
         got = q.grad.full_tensor() if isinstance(q.grad, torch.distributed.tensor.DTensor) \
             else q.grad
         torch.testing.assert_close(got, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_non_finite_shard_makes_only_its_tensor_non_finite(one_rank_mesh):
+    p = nn.Parameter(distribute_tensor(torch.empty(6, 2), one_rank_mesh, [Shard(0)]))
+    q = nn.Parameter(distribute_tensor(torch.empty(4, 3), one_rank_mesh, [Shard(0)]))
+    bad = torch.randn(6, 2)
+    bad[2, 1] = float("inf")
+    p.grad = distribute_tensor(bad, one_rank_mesh, [Shard(0)])
+    q.grad = distribute_tensor(torch.randn(4, 3), one_rank_mesh, [Shard(0)])
+    fastbml.ogm_modulate_([[p], [q]], torch.tensor([0.5, 1.0]), seed=2, backend="cpp")
+    assert not torch.isfinite(p.grad.to_local()).any()
+    assert torch.isfinite(q.grad.to_local()).all()
 
 
 # ---------------------------------------------------------------------------- refusals
