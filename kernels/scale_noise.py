@@ -100,23 +100,19 @@ def _rewrite_kernel(ptr_table, numel_table, offset_table, scale_index, scales, s
     store_chunk(ptr, y.to(DTYPE), count, BLOCK)
 
 
-def _chunk_moments(tensors: Sequence[torch.Tensor], members: list[int], dtype: torch.dtype,
-                   block: int, device: torch.device, warps: int):
-    """Per-dtype tables and the moments of every chunk: (ptrs, numels, chunk table,
-    first_chunk, chunk moments [n_chunks, 3] float64, chunks per tensor at most)."""
-    chunk_tensor, chunk_start, first_chunk = chunk_table([tensors[i].numel() for i in members],
-                                                         block)
-    ptrs, numels = device_table([[tensors[i].data_ptr() for i in members],
-                                 [tensors[i].numel() for i in members]], device).unbind(0)
-    chunks = device_table([chunk_tensor, chunk_start], device)
-    aligned = all(tensors[i].data_ptr() % 16 == 0 for i in members)
-    moments = torch.empty(len(chunk_tensor), 3, dtype=torch.float64, device=device)
-    _moments_kernel[(len(chunk_tensor),)](ptrs, numels, chunks[0], chunks[1], moments,
-                                          DTYPE=TL_DTYPES[dtype], BLOCK=block, ALIGNED=aligned,
-                                          num_warps=warps)
-    first = device_table([first_chunk], device)[0]
+def _chunk_moments(ptrs: torch.Tensor, numels: torch.Tensor, chunks: torch.Tensor,
+                   first_chunk: list[int], dtype: torch.dtype, block: int, aligned: bool,
+                   warps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Phase 1 over one dtype's tensors (device tables of their pointers and lengths, and of
+    the chunks): (each chunk's moments [n_chunks, 3], where each tensor's chunks begin as a
+    device table, the iterations of a combine over the most chunks any tensor has)."""
+    n_chunks = chunks.shape[1]
+    moments = torch.empty(n_chunks, 3, dtype=torch.float64, device=ptrs.device)
+    _moments_kernel[(n_chunks,)](ptrs, numels, chunks[0], chunks[1], moments,
+                                 DTYPE=TL_DTYPES[dtype], BLOCK=block, ALIGNED=aligned,
+                                 num_warps=warps)
     most = max(b - a for a, b in itertools.pairwise(first_chunk))
-    return moments, first, triton.cdiv(most, 1024)
+    return moments, device_table([first_chunk], ptrs.device)[0], triton.cdiv(most, 1024)
 
 
 def multi_tensor_moments(tensors: Sequence[torch.Tensor], out: torch.Tensor,
@@ -127,8 +123,14 @@ def multi_tensor_moments(tensors: Sequence[torch.Tensor], out: torch.Tensor,
     block = block or default_block(device)
     out.zero_()
     for dtype, members in by_dtype(tensors).items():
-        moments, first, n_iters = _chunk_moments(tensors, members, dtype, block, device,
-                                                 8 if block >= 4096 else 4)
+        chunk_tensor, chunk_start, first_chunk = chunk_table([tensors[i].numel() for i in members],
+                                                             block)
+        ptrs, numels = device_table([[tensors[i].data_ptr() for i in members],
+                                     [tensors[i].numel() for i in members]], device).unbind(0)
+        moments, first, n_iters = _chunk_moments(
+            ptrs, numels, device_table([chunk_tensor, chunk_start], device), first_chunk, dtype,
+            block, all(tensors[i].data_ptr() % 16 == 0 for i in members),
+            8 if block >= 4096 else 4)
         sums = torch.empty(len(members), 3, dtype=torch.float64, device=device)
         _sums_kernel[(len(members),)](moments, first, sums, n_iters, CHUNKS=1024)
         out[device_table([members], device)[0]] = sums
@@ -152,7 +154,8 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
     if noise and std is not None:
         all_sigma = (std + eps).to(torch.float32)
     for dtype, members in by_dtype(tensors).items():
-        chunk_tensor, chunk_start, _ = chunk_table([tensors[i].numel() for i in members], block)
+        chunk_tensor, chunk_start, first_chunk = chunk_table([tensors[i].numel() for i in members],
+                                                             block)
         per_tensor = device_table(
             [[tensors[i].data_ptr() for i in members], [tensors[i].numel() for i in members],
              [offsets[i] for i in members], [scale_index[i] for i in members]], device)
@@ -161,14 +164,13 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], offsets: Sequence
         n_chunks = len(chunk_tensor)
         warps = 8 if block >= 4096 else 4
         aligned = all(tensors[i].data_ptr() % 16 == 0 for i in members)
-        if not noise:
-            sigma = torch.empty(len(members), dtype=torch.float32, device=device)
-        elif std is not None:
+        if noise and std is not None:
             sigma = all_sigma[device_table([members], device)[0]]
         else:
             sigma = torch.empty(len(members), dtype=torch.float32, device=device)
-            moments, first, n_iters = _chunk_moments(tensors, members, dtype, block, device,
-                                                     warps)
+        if noise and std is None:
+            moments, first, n_iters = _chunk_moments(ptrs, numels, chunks, first_chunk, dtype,
+                                                     block, aligned, warps)
             _sigma_kernel[(len(members),)](moments, first, sigma, eps, n_iters, CHUNKS=1024)
         _rewrite_kernel[(n_chunks,)](ptrs, numels, starts_in_stream, groups, scales, sigma,
                                      chunks[0], chunks[1], seed, stream, NOISE=noise,
