@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from . import distributed, rng
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, finite_number
+from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
 from ._method import MethodScaffold
 from ._sharded import Dim0Shard, dim0_shard, is_dtensor
-from .ops._multi_tensor import check_disjoint, stream_offsets
 from .ops.scale_noise import multi_tensor_moments, multi_tensor_scale_noise_, std_of_moments
 from .scores import modality_scores
 
@@ -176,7 +175,6 @@ def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
               else Dim0Shard(g, 0, None) for i, g in enumerate(grads)]
     local = [shard.local for shard in shards]
     _check_grads_disjoint(groups, flat, local)
-    start = stream_offsets([g.numel() for g in grads])  # the whole tensors' streams
     std = None
     if noise:
         moments = multi_tensor_moments(local, backend=backend)
@@ -184,7 +182,8 @@ def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
         std = std_of_moments(moments)
     multi_tensor_scale_noise_(local, scale_index, coeffs, noise=noise, seed=seed,
                               stream=rng.STREAM_NOISE, eps=NOISE_EPS,
-                              offsets=[a + shard.first for a, shard in zip(start, shards)],
+                              shards=[(g.numel(), shard.first)  # a DTensor's numel: whole
+                                      for g, shard in zip(grads, shards)],
                               std=std, backend=backend)
 
 

@@ -20,9 +20,15 @@ from typing import NoReturn
 
 import torch
 
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, check_unit_range, finite_number
+from ._checks import (
+    FLOAT_DTYPES,
+    PLAIN_TENSORS,
+    check_disjoint,
+    check_plain,
+    check_unit_range,
+    finite_number,
+)
 from ._sharded import is_dtensor, same_layout
-from .ops._multi_tensor import check_disjoint
 from .ops.lerp import multi_tensor_lerp_
 
 Number = int | float

@@ -32,22 +32,21 @@ def test_shards_with_offsets_and_the_whole_std_equal_the_whole_tensor(backend, d
     groups = [i % 2 for i in range(len(wholes))]
     expected = [w.clone() for w in wholes]
     multi_tensor_scale_noise_(expected, groups, scales, noise=True, seed=99, backend="torch")
-    base = stream_offsets([w.numel() for w in wholes])
     stds = torch.stack([w.double().std() if w.numel() > 1 else w.new_zeros((), dtype=torch.float64)
                         for w in wholes])
     for r in range(max(ranks for _, ranks in SHARDED)):
-        pieces, offsets, std, index = [], [], [], []
+        pieces, shards, std, index = [], [], [], []
         for t, (w, (_, ranks)) in enumerate(zip(wholes, SHARDED)):
-            if r < ranks:
-                piece, first = shards_of(w, ranks)[r]
-                pieces.append(piece)
-                offsets.append(base[t] + first)
-                std.append(stds[t])
-                index.append(groups[t])
-        multi_tensor_scale_noise_(pieces, index, scales, noise=True, seed=99, offsets=offsets,
+            piece, first = shards_of(w, ranks)[r] if r < ranks else (w[:0], 0)  # none: empty
+            pieces.append(piece)
+            shards.append((w.numel(), first))
+            std.append(stds[t])
+            index.append(groups[t])
+        multi_tensor_scale_noise_(pieces, index, scales, noise=True, seed=99, shards=shards,
                                   std=torch.stack(std), backend=backend)
-        shard_of = [t for t, (_, ranks) in enumerate(SHARDED) if r < ranks]
-        for t, piece in zip(shard_of, pieces):
+        for t, piece in enumerate(pieces):
+            if r >= SHARDED[t][1]:
+                continue
             want = shards_of(expected[t], SHARDED[t][1])[r][0]
             assert piece.shape == want.shape
             assert_close(piece, want, scale=2.0)
@@ -56,11 +55,14 @@ def test_shards_with_offsets_and_the_whole_std_equal_the_whole_tensor(backend, d
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_unaligned_offsets_draw_the_normals_of_their_indices(backend):
     """x = 0 and scale 0 leave sigma * z: z must be the reference normal of offset + i."""
-    sizes, offsets = [5, 37, 1, 20000], [1, 6, 11, 70003]
+    sizes, shards = [5, 37, 1, 20000], [(8, 1), (50, 6), (13, 11), (90001, 70003)]
+    offsets = [start + first for start, (_, first) in
+               zip(stream_offsets([whole for whole, _ in shards]), shards)]
+    assert [o % 4 for o in offsets] == [1, 2, 3, 3]
     tensors = [torch.zeros(n, device=DEVICE) for n in sizes]
     std = torch.ones(len(sizes), dtype=torch.float64, device=DEVICE)
     multi_tensor_scale_noise_(tensors, [0] * 4, torch.zeros(1, device=DEVICE), noise=True,
-                              seed=3, offsets=offsets, std=std, eps=0.0, backend=backend)
+                              seed=3, shards=shards, std=std, eps=0.0, backend=backend)
     for x, n, o in zip(tensors, sizes, offsets):
         z = rng.philox_normal(3, rng.STREAM_NOISE, n, offset=o, device=DEVICE)
         torch.testing.assert_close(x, z, rtol=2e-6, atol=2e-6)

@@ -85,17 +85,18 @@ scale_noise_op = _library.define(
 def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], scale_index: Sequence[int],
                               scales: torch.Tensor, *, noise: bool, seed: rng.Seed,
                               stream: int = rng.STREAM_NOISE, eps: float = 1e-8,
-                              offsets: Sequence[int] | None = None,
+                              shards: Sequence[tuple[int, int]] | None = None,
                               std: torch.Tensor | None = None, backend: str = "auto") -> None:
     """In place: tensors[t] <- scales[scale_index[t]] * tensors[t] (+ noise).
 
     Arguments are trusted (validated by the caller): floating tensors on one device, `scales` a
     float32 vector on that device, `seed` an int or an int64 0-dim tensor on that device. The
-    noise of element i of tensor t is the Philox normal of flattened index offsets[t] + i under
-    (seed, stream); `offsets` defaults to stream_offsets(numels) (any values >= 0 may be given:
-    a shard of a tensor passes where its first element lies in the whole tensor's stream). The
-    noise std is std[t] + eps, with `std` each tensor's unbiased std by default, or a [T]
-    device tensor given by the caller (cast to float64).
+    noise of element i of tensor t is the Philox normal of flattened index
+    stream_offsets(numels)[t] + i under (seed, stream). A tensor may be a contiguous part of a
+    whole one (a shard): shards[t] = (numel of the whole tensor, flattened index of tensors[t]'s
+    first element in it) makes its elements draw the whole tensors' indices
+    (docs/design.md#rng). The noise std is std[t] + eps, with `std` each tensor's unbiased std
+    by default, or a [T] device tensor given by the caller (cast to float64).
     """
     tensors = list(tensors)
     if not tensors:
@@ -103,7 +104,11 @@ def multi_tensor_scale_noise_(tensors: Sequence[torch.Tensor], scale_index: Sequ
     device = tensors[0].device
     scales = scales.to(torch.float32).contiguous()
     seed = rng.seed_tensor(seed, device)
-    offsets = stream_offsets([t.numel() for t in tensors]) if offsets is None else list(offsets)
+    if shards is None:
+        offsets = stream_offsets([t.numel() for t in tensors])
+    else:
+        whole, first = zip(*shards)
+        offsets = [start + i for start, i in zip(stream_offsets(whole), first)]
     if std is not None:
         std = std.to(torch.float64).contiguous()
     impl = resolve_backend(backend, device)
