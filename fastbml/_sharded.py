@@ -8,8 +8,8 @@ Nothing here communicates, gathers or allocates a whole tensor.
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +36,11 @@ class Dim0Shard:
     group: object | None
 
 
-def dim0_shard(tensor: torch.Tensor, name: str) -> Dim0Shard:
+def dim0_shard(tensor: torch.Tensor, name_of: Callable[[], str]) -> Dim0Shard:
     """The local shard of a DTensor whose placements are Shard(0) (FSDP2's layout) or
     Replicate() on each mesh dimension, at most one of them Shard(0); a ValueError naming
-    `name` and the placement for any other layout (Shard(d > 0), Partial, strided shards)."""
+    the tensor (`name_of()`, built only for the error) and the placement for any other layout
+    (Shard(d > 0), Partial, strided shards)."""
     placements = tuple(tensor.placements)
     shard_dims = []
     for d, placement in enumerate(placements):
@@ -48,31 +49,44 @@ def dim0_shard(tensor: torch.Tensor, name: str) -> Dim0Shard:
         if type(placement) is Shard and placement.dim == 0:
             shard_dims.append(d)
             continue
-        raise ValueError(f"{name} is a DTensor with placement {placement!r} on mesh "
+        raise ValueError(f"{name_of()} is a DTensor with placement {placement!r} on mesh "
                          f"dimension {d} (placements {placements}): fastbml supports DTensors "
                          "sharded on dim 0 (Shard(0), as FSDP2 shards) or replicated")
     if len(shard_dims) > 1:
-        raise ValueError(f"{name} is a DTensor sharded on dim 0 over mesh dimensions "
+        raise ValueError(f"{name_of()} is a DTensor sharded on dim 0 over mesh dimensions "
                          f"{shard_dims} (placements {placements}): fastbml supports one "
                          "sharding mesh dimension (FSDP2, or HSDP's replicate x shard)")
-    local = tensor.to_local()
+    local = tensor.to_local()  # under no_grad the local tensor itself, else a view of it
     if not shard_dims:
         return Dim0Shard(local, 0, None)
-    mesh = tensor.device_mesh
-    shape, first = _dim0_layout(tuple(tensor.shape), mesh, placements)
+    shape, first, group = _dim0_layout(tuple(tensor.shape), tensor.device_mesh, placements,
+                                       shard_dims[0])
     if tuple(local.shape) != shape:
-        raise ValueError(f"{name} is a DTensor whose local tensor has shape "
+        raise ValueError(f"{name_of()} is a DTensor whose local tensor has shape "
                          f"{tuple(local.shape)} where its placements give {shape}: "
                          "fastbml supports the shards of torch.chunk (DTensor's Shard(0))")
-    return Dim0Shard(local, first, mesh.get_group(shard_dims[0]))
+    return Dim0Shard(local, first, group)
 
 
-@functools.lru_cache(maxsize=4096)
-def _dim0_layout(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[tuple[int, ...], int]:
-    """(local shape, first flattened index) of this rank's shard: the same for every step of a
-    training loop, so computed once per parameter layout."""
-    local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return tuple(local), offset[0] * math.prod(shape[1:])
+_LAYOUTS: dict[tuple, tuple] = {}
+_MAX_LAYOUTS = 4096
+
+
+def _dim0_layout(shape: tuple[int, ...], mesh, placements: tuple,
+                 shard_dim: int) -> tuple[tuple[int, ...], int, object]:
+    """(local shape, first flattened index, sharding group) of this rank's shard. The same for
+    every step of a training loop, so computed once per parameter layout: cached by the mesh's
+    identity (a mesh built anew, e.g. after the process group was re-initialised, is another
+    entry)."""
+    key = (id(mesh), placements, shape)
+    hit = _LAYOUTS.get(key)
+    if hit is None or hit[0] is not mesh:
+        local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        hit = _LAYOUTS[key] = (mesh, tuple(local), offset[0] * math.prod(shape[1:]),
+                               mesh.get_group(shard_dim))
+    return hit[1:]
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -171,8 +171,9 @@ def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
         multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=noise, seed=seed,
                                   stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
         return
-    shards = [dim0_shard(g, _grad_name(groups, flat, i, labels)) if is_dtensor(g)
-              else Dim0Shard(g, 0, None) for i, g in enumerate(grads)]
+    with torch.no_grad():  # the DTensors' local tensors themselves
+        shards = [dim0_shard(g, lambda i=i: _grad_name(groups, flat, i, labels))
+                  if is_dtensor(g) else Dim0Shard(g, 0, None) for i, g in enumerate(grads)]
     local = [shard.local for shard in shards]
     _check_grads_disjoint(groups, flat, local)
     std = None

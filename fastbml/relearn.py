@@ -110,6 +110,12 @@ def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}{where} must be a tensor, got {type(value).__name__}")
     if is_dtensor(p) or is_dtensor(p0):
+        for name, value in (("params", p), ("init_params", p0)):
+            partial = [x for x in getattr(value, "placements", ()) if x.is_partial()]
+            if partial:
+                raise ValueError(f"{name}{where} is a DTensor with placement {partial[0]!r}: "
+                                 "its local tensor is a summand, not a part of the tensor; "
+                                 "soft re-initialisation takes Shard or Replicate placements")
         if not (is_dtensor(p) and is_dtensor(p0) and same_layout(p, p0)):
             def layout(t):
                 return (f"a DTensor with placements {tuple(t.placements)} on {t.device_mesh}"
@@ -143,8 +149,8 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     shape, dtype and device (e.g. clones taken right after construction). a lies in [0, 1]:
     0 leaves the parameters bit for bit unchanged on every backend (even where the snapshot
     holds NaN), 1 restores the initial values. DTensor parameters (FSDP2) take snapshots that
-    are DTensors on the same mesh with the same placements; the update is elementwise, so
-    each rank rewrites its local shards, without communicating. Computed in
+    are DTensors on the same mesh with the same placements (Shard or Replicate); the update is
+    elementwise, so each rank rewrites its local shards, without communicating. Computed in
     float32 whatever the storage dtype; gradients are not tracked; empty lists are a no-op.
     Strength tensors are range checked on the device, without a host sync.
     """
@@ -160,7 +166,8 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
             # One cheap test per pair (this runs for every parameter of every encoder); the
             # detailed checks only to say what is wrong.
             plain = type(p) in PLAIN_TENSORS and type(p0) in PLAIN_TENSORS
-            if not ((plain or (is_dtensor(p) and is_dtensor(p0) and same_layout(p, p0)))
+            if not ((plain or (is_dtensor(p) and is_dtensor(p0) and same_layout(p, p0)
+                               and not any(x.is_partial() for x in p.placements)))
                     and p.dtype in FLOAT_DTYPES and p0.dtype == p.dtype
                     and p0.shape == p.shape and p.device == device and p0.device == device
                     and id(p) not in seen):

@@ -393,6 +393,10 @@ def test_a_snapshot_not_sharded_like_its_parameter_is_refused(one_rank_mesh):
     with pytest.raises(ValueError, match=r"init_params\[0\] a DTensor with placements "
                                          r"\(Replicate\(\),\)"):
         fastbml.soft_reinit_([p], [other], 0.5)
+    partial = torch.distributed.tensor.DTensor.from_local(torch.randn(6, 2), one_rank_mesh,
+                                                          [Partial()])
+    with pytest.raises(ValueError, match=r"params\[0\] is a DTensor with placement Partial"):
+        fastbml.soft_reinit_([partial], [partial.detach().clone()], 0.5)
     snapshot = p.detach().clone()
     expected = p.full_tensor() * 0.5 + snapshot.full_tensor() * 0.5
     fastbml.soft_reinit_([p], [snapshot], 0.0)
