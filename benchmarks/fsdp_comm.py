@@ -7,7 +7,7 @@ interleaved:
 
 * the sharded OGM-GE step (`fastbml.OGM.step` on the DTensor gradients: the scores' all_reduce,
   the [T, 3] float64 moments all_reduce over the sharding group, the local modulation);
-* the moments all_reduce alone, and the scores' all_reduce alone;
+* the moments all_reduce alone, and the scores' all_reduce alone (200 back to back each);
 * for scale, the DDP-style step: OGM-GE on whole (unsharded) gradients, as every DDP rank runs
   it (its only collective is the scores' all_reduce).
 
@@ -42,8 +42,8 @@ from fastbml.models.resnet import FrameResNet18, SpectrogramResNet18
 from .ddp_comm import CommCounter, _calls, _sync
 from .report import device_name, write_table
 
-VARIANTS = ("sharded OGM-GE step", "moments all_reduce alone", "scores all_reduce alone",
-            "whole-gradient OGM-GE step (DDP)")
+VARIANTS = ("sharded OGM-GE step", "moments all_reduce alone (200 back to back)",
+            "scores all_reduce alone (200 back to back)", "whole-gradient OGM-GE step (DDP)")
 
 
 def _backward(args, device, rank):
@@ -110,11 +110,10 @@ def _rank_job(rank: int, world: int, init_file: str, args, results) -> None:
             sharded()
             counter.enabled = False
         calls, nbytes = dict(counter.calls), counter.bytes
-        fns = [sharded, lambda: dist.all_reduce(moments, group=shard_group),
-               lambda: dist.all_reduce(scores), ddp_step]
-        times: list[list[float]] = [[] for _ in fns]
+        steps = [sharded, ddp_step]
+        times: list[list[float]] = [[] for _ in steps]
         for _ in range(args.steps):
-            for j, fn in enumerate(fns):
+            for j, fn in enumerate(steps):
                 restore()
                 dist.barrier()
                 _sync(device)
@@ -122,6 +121,20 @@ def _rank_job(rank: int, world: int, init_file: str, args, results) -> None:
                 fn()
                 _sync(device)
                 times[j].append(time.perf_counter() - started)
+        # the collectives alone: back to back (as a step issues them), so that the skew of the
+        # ranks leaving a barrier does not count
+        alone = []
+        for payload, group in ((moments, shard_group), (scores, None)):
+            dist.barrier()
+            lat = []
+            for _ in range(200):
+                _sync(device)
+                started = time.perf_counter()
+                dist.all_reduce(payload, group=group)
+                _sync(device)
+                lat.append(time.perf_counter() - started)
+            alone.append(lat[20:])
+        times = [times[0], *alone, times[1]]  # VARIANTS order
         results[rank] = ("ok", {
             "tensors": len(grads), "calls": calls, "bytes": nbytes, "fsdp_bytes": fsdp_bytes,
             "local": sum(g.to_local().numel() for g in grads),
@@ -145,17 +158,17 @@ def _table(args, rows) -> str:
              f"two ResNet-18 encoders under fully_shard, {first['tensors']} modulated tensors "
              f"(weights with ndim >= 2), {first['whole'] / 1e6:.2f} M elements; rank 0 holds "
              f"{first['local'] / 1e6:.2f} M of them; batch {args.batch} per rank; medians of "
-             f"{args.steps - 1} interleaved steps, ranks aligned by a barrier", "",
+             f"{args.steps - 1} interleaved steps, ranks aligned by a barrier before each", "",
              f"sharded step, per step: {_calls(first['calls'])}, {first['bytes']} B "
              f"(the {first['tensors']} x 3 float64 moments: {24 * first['tensors']} B; the "
              "scores: 8 B)",
              f"FSDP's own gradient reduce-scatter per step: {first['fsdp_bytes'] / 1e6:.1f} MB "
              f"of gradients (moments: {24 * first['tensors'] / first['fsdp_bytes']:.1e} of it)",
-             "", f"{'':36s}" + "".join(f"{'rank ' + str(r) + ' ms':>12s}" for r in
+             "", f"{'':44s}" + "".join(f"{'rank ' + str(r) + ' ms':>12s}" for r in
                                         range(len(rows))),
-             "-" * (36 + 12 * len(rows))]
+             "-" * (44 + 12 * len(rows))]
     for j, name in enumerate(VARIANTS):
-        lines.append(f"{name:36s}" + "".join(f"{r['medians'][j] * 1e3:12.3f}" for r in rows))
+        lines.append(f"{name:44s}" + "".join(f"{r['medians'][j] * 1e3:12.3f}" for r in rows))
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=2, help="ranks to spawn (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
     parser.add_argument("--batch", type=int, default=2, help="batch per rank (default 2)")
-    parser.add_argument("--steps", type=int, default=21, help="timed steps (default 21)")
+    parser.add_argument("--steps", type=int, default=41, help="timed steps (default 41)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
