@@ -215,7 +215,8 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
     gradients' device (what a compiled step should pass: it is read on the device and never
     specialises the graph), or None for a fresh seed from torch's CPU generator. DTensor
     gradients sharded on dim 0 or replicated (FSDP2, HSDP) are modulated shard by shard exactly
-    as their whole tensors would be (docs/design.md#fsdp2); other placements are a ValueError.
+    as their whole tensors would be (docs/design.md#fsdp2), given the same `seed` on every
+    rank (the helper `OGM` shares one); other placements are a ValueError.
     """
     groups = _grouped(params, modality_index)
     _check_coeffs(coeffs, len(groups))

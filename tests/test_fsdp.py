@@ -166,8 +166,18 @@ def test_ogm_ge_under_fsdp2_equals_one_process_on_the_whole_gradients():
     check_ogm(results, 4, [2, 2])
 
 
-def test_ogm_ge_under_hsdp_reduces_moments_over_the_shard_dimension():
-    results = values(run_ranks(ogm_ranks, True, world=4))
+def hsdp_ranks(rank, world):
+    """Everything tested on the 2 x 2 HSDP mesh, in one spawn of 4 processes."""
+    return {"ogm": ogm_ranks(rank, world, True), "relearn": hsdp_relearn_ranks(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def hsdp_results():
+    return values(run_ranks(hsdp_ranks, world=4))
+
+
+def test_ogm_ge_under_hsdp_reduces_moments_over_the_shard_dimension(hsdp_results):
+    results = [r["ogm"] for r in hsdp_results]
     assert results[0]["cpp"]["placements"][0] == "(Replicate(), Shard(dim=0))"
     check_ogm(results, 4, [4, 2])  # scores over the 4 ranks, moments over a shard group of 2
 
@@ -254,8 +264,8 @@ def hsdp_relearn_ranks(rank, world):
     return [p.detach().full_tensor() for p in model.parameters()]
 
 
-def test_soft_reinit_under_hsdp_takes_the_first_replicas_snapshot():
-    results = values(run_ranks(hsdp_relearn_ranks, world=4))
+def test_soft_reinit_under_hsdp_takes_the_first_replicas_snapshot(hsdp_results):
+    results = [r["relearn"] for r in hsdp_results]
     torch.manual_seed(0)
     model = Net()
     init = [[p.detach().clone() for p in m.parameters()] for m in (model.audio, model.visual)]
