@@ -140,17 +140,25 @@ def _check_grads_disjoint(groups: list[list[torch.Tensor]], flat: list[torch.Ten
 
 def _all_reduce_rows_(moments: torch.Tensor, groups: list[object | None]) -> None:
     """Sums row t of `moments` over groups[t] (None: a whole tensor, left alone): one
-    all_reduce per distinct group, one in all for a model sharded on one mesh."""
-    rows: dict[object, list[int]] = {}
+    all_reduce per distinct group, one in all for a model sharded on one mesh. Rows are
+    addressed as slices (no index tensor to copy to the device, no host sync)."""
+    spans: dict[object, list[list[int]]] = {}
     for t, group in enumerate(groups):
         if group is not None:
-            rows.setdefault(group, []).append(t)
-    for group, members in rows.items():
-        if len(members) == len(groups):
-            distributed.all_reduce_sum_(moments, group)
-        else:
-            index = torch.tensor(members, device=moments.device)
-            moments[index] = distributed.all_reduce_sum_(moments[index], group)
+            runs = spans.setdefault(group, [])
+            if runs and runs[-1][1] == t:
+                runs[-1][1] = t + 1
+            else:
+                runs.append([t, t + 1])
+    for group, runs in spans.items():
+        if len(runs) == 1:  # a contiguous block of rows, reduced in place
+            distributed.all_reduce_sum_(moments[runs[0][0]:runs[0][1]], group)
+            continue
+        part = distributed.all_reduce_sum_(torch.cat([moments[a:b] for a, b in runs]), group)
+        start = 0
+        for a, b in runs:
+            moments[a:b].copy_(part[start:start + b - a])
+            start += b - a
 
 
 def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],

@@ -86,27 +86,41 @@ class Allocations(TorchDispatchMode):
         return out
 
 
+def ogm_groups(model):
+    """The audio weights with a plain (unsharded) parameter between them, whose gradient every
+    rank holds whole, and the visual encoder."""
+    extra = nn.Parameter(torch.empty(3, 4))
+    extra.grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    return {"audio": [model.audio[0].weight, extra, model.audio[2].weight],
+            "visual": model.visual}
+
+
+def whole(t):
+    return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t.clone()
+
+
 def ogm_ranks(rank, world, hsdp):
     """Per backend: the whole gradients before OGM-GE (gathered here, for the test only), the
     coefficients, the whole gradients after, and what the step allocated and communicated."""
     out = {}
     for backend in BACKENDS:
         model = sharded_net(hsdp)
-        ogm = fastbml.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, seed=SEED,
-                          backend=backend)
+        ogm = fastbml.OGM(ogm_groups(model), alpha=0.8, seed=SEED, backend=backend)
         a, v, y = (t.chunk(world)[rank] for t in global_batch())
         z, u_a, u_v = model(a, v)
         F.cross_entropy(z, y).backward()
         grads = [p.grad for group in ogm.params for p in group]
-        assert all(isinstance(g, torch.distributed.tensor.DTensor) for g in grads)
-        before = [g.full_tensor() for g in grads]
+        assert [isinstance(g, torch.distributed.tensor.DTensor) for g in grads] == [
+            True, False, True, True, True]
+        before = [whole(g) for g in grads]
         with Allocations() as record:
             ogm.step({"audio": u_a, "visual": u_v}, y, epoch=0)
-        out[backend] = {"before": before, "after": [g.full_tensor() for g in grads],
+        out[backend] = {"before": before, "after": [whole(g) for g in grads],
                         "coeffs": ogm.last_coeffs.clone(), "ops": record.ops,
                         "group_sizes": record.group_sizes,
-                        "local": [g.to_local().numel() for g in grads],
-                        "placements": [str(g.placements) for g in grads]}
+                        "local": [g.to_local().numel() if isinstance(
+                            g, torch.distributed.tensor.DTensor) else g.numel() for g in grads],
+                        "placements": [str(getattr(g, "placements", None)) for g in grads]}
     return out
 
 
@@ -114,8 +128,7 @@ def single_process_ogm(backend):
     """OGM-GE on one process, the whole model and the global batch."""
     torch.manual_seed(0)
     model = Net()
-    ogm = fastbml.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, seed=SEED,
-                      backend=backend)
+    ogm = fastbml.OGM(ogm_groups(model), alpha=0.8, seed=SEED, backend=backend)
     a, v, y = global_batch()
     z, u_a, u_v = model(a, v)
     F.cross_entropy(z, y).backward()
@@ -123,8 +136,9 @@ def single_process_ogm(backend):
     return ogm.last_coeffs, [p.grad for group in ogm.params for p in group]
 
 
-def check_ogm(results, n_tensors, group_sizes):
-    """`group_sizes`: those of the scores' and of the moments' all_reduce."""
+def check_ogm(results, n_sharded, group_sizes):
+    """`n_sharded`: the DTensor gradients (3 moments each are reduced); `group_sizes`: those of
+    the scores' and of the moments' all_reduce."""
     for backend in BACKENDS:
         ranks = [r[backend] for r in results]
         for r in ranks[1:]:  # every rank holds the same whole gradients
@@ -135,7 +149,7 @@ def check_ogm(results, n_tensors, group_sizes):
         params = [nn.Parameter(torch.empty_like(g)) for g in grads]
         for p, g in zip(params, grads):
             p.grad = g
-        fastbml.ogm_modulate_([params[:2], params[2:]], first["coeffs"],
+        fastbml.ogm_modulate_([params[:3], params[3:]], first["coeffs"],
                               seed=rng.step_seed(SEED, 0), backend=backend)
         for p, after, before in zip(params, first["after"], first["before"]):
             torch.testing.assert_close(after, p.grad, rtol=1e-6, atol=1e-7)
@@ -145,9 +159,10 @@ def check_ogm(results, n_tensors, group_sizes):
         torch.testing.assert_close(first["coeffs"], coeffs, rtol=1e-5, atol=1e-6)
         for after, g in zip(first["after"], single):
             torch.testing.assert_close(after, g, rtol=1e-4, atol=1e-5)
-        # communicated: the M scores and one [T, 3] float64 moments tensor, nothing else
+        # communicated: the M scores and one [T, 3] float64 moments tensor (the T DTensor
+        # gradients' rows, the plain one's not), nothing else
         collectives = [(op, sizes) for op, sizes in first["ops"] if op.startswith("c10d")]
-        assert sorted(sizes[0] for _, sizes in collectives) == [2, 3 * n_tensors], collectives
+        assert sorted(sizes[0] for _, sizes in collectives) == [2, 3 * n_sharded], collectives
         assert all("allreduce" in op for op, _ in collectives)
         assert first["group_sizes"] == group_sizes
         # allocated by the modulation (after the scores' all_reduce): nothing as large as a
@@ -162,7 +177,7 @@ def check_ogm(results, n_tensors, group_sizes):
 def test_ogm_ge_under_fsdp2_equals_one_process_on_the_whole_gradients():
     results = values(run_ranks(ogm_ranks, False))
     assert results[0]["cpp"]["placements"][0] == "(Shard(dim=0),)"
-    assert results[1]["cpp"]["local"] == [3 * 10, 2 * 7, 4 * 6, 0]  # uneven, one empty
+    assert results[1]["cpp"]["local"] == [3 * 10, 12, 2 * 7, 4 * 6, 0]  # uneven, one empty
     check_ogm(results, 4, [2, 2])
 
 
@@ -341,19 +356,20 @@ def one_rank_mesh(tmp_path):
 def test_dtensor_gradients_are_modulated_through_their_local_tensors(one_rank_mesh, backend,
                                                                      placement):
     """On a mesh of one rank a DTensor gradient is its local tensor: the same result as plain
-    gradients, alongside plain ones."""
-    shapes = [(8, 4), (5,), (1, 3)]
+    gradients, alongside plain ones (interleaved: the moments of rows 0, 2, 3 are reduced)."""
+    shapes = [(8, 4), (1, 3), (5,), (3, 3), (2, 2)]
     grads = [torch.randn(s) + 0.1 for s in shapes]
     plain = [nn.Parameter(torch.empty(s)) for s in shapes]
-    sharded = [nn.Parameter(distribute_tensor(torch.empty(s), one_rank_mesh, [placement]))
-               for s in shapes[:2]] + [nn.Parameter(torch.empty(shapes[2]))]
+    sharded = [nn.Parameter(distribute_tensor(torch.empty(s), one_rank_mesh, [placement])
+                            if t in (0, 2, 3) else torch.empty(s))
+               for t, s in enumerate(shapes)]
     for p, q, g in zip(plain, sharded, grads):
         p.grad = g.clone()
         q.grad = (distribute_tensor(g.clone(), one_rank_mesh, [placement])
                   if isinstance(q, torch.distributed.tensor.DTensor) else g.clone())
     coeffs = torch.tensor([0.6, 0.9])
-    fastbml.ogm_modulate_([plain[:1], plain[1:]], coeffs, seed=3, backend=backend)
-    fastbml.ogm_modulate_([sharded[:1], sharded[1:]], coeffs, seed=3, backend=backend)
+    fastbml.ogm_modulate_([plain[:2], plain[2:]], coeffs, seed=3, backend=backend)
+    fastbml.ogm_modulate_([sharded[:2], sharded[2:]], coeffs, seed=3, backend=backend)
     for p, q in zip(plain, sharded):
         got = q.grad.full_tensor() if isinstance(q.grad, torch.distributed.tensor.DTensor) \
             else q.grad
