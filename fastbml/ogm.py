@@ -172,7 +172,8 @@ def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
     flattened elements: it draws the noise of the whole tensor's indices there, and its std
     comes from the (count, sum, sum of squares) of every shard, summed by one all_reduce of a
     [T, 3] float64 tensor over the sharding group. Nothing else crosses ranks, and the kernels
-    allocate at most local-shard-sized buffers: no rank builds a whole gradient.
+    work on the local shards (buffers of at most this rank's shards): no rank builds a whole
+    gradient.
     """
     if not any(is_dtensor(g) for g in grads):
         _check_grads_disjoint(groups, flat, grads)
