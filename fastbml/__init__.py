@@ -1,5 +1,6 @@
-"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning)."""
+"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning, AGM)."""
 
+from .agm import AGM, agm_coefficients, agm_score_sums, shapley_weights, subset_masks
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
@@ -11,10 +12,13 @@ from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logi
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
     "OGM",
     "OPM",
     "DiagnoseRelearn",
     "FeatureLoader",
+    "agm_coefficients",
+    "agm_score_sums",
     "cluster_purity",
     "concat_unimodal_logits",
     "modality_scores",
@@ -23,7 +27,9 @@ __all__ = [
     "opm_drop",
     "opm_drop_probs",
     "relearn_strength",
+    "shapley_weights",
     "soft_reinit_",
+    "subset_masks",
     "sum_unimodal_logits",
     "unimodal_logits",
 ]
