@@ -388,6 +388,28 @@ def test_a_non_finite_shard_makes_only_its_tensor_non_finite(one_rank_mesh):
     assert torch.isfinite(q.grad.to_local()).all()
 
 
+def test_agm_scales_dtensor_gradients_through_their_local_tensors(one_rank_mesh):
+    """AGM's scaling of sharded gradients equals that of plain ones (one rank)."""
+    grads = [torch.randn(6, 4), torch.randn(5, 3)]
+    results = []
+    for sharded in (False, True):
+        encoders = {"audio": nn.Linear(4, 6), "visual": nn.Linear(3, 5)}
+        for enc, g in zip(encoders.values(), grads):
+            if sharded:
+                enc.weight = nn.Parameter(distribute_tensor(enc.weight.detach(), one_rank_mesh,
+                                                            [Shard(0)]))
+                enc.weight.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+            else:
+                enc.weight.grad = g.clone()
+        agm = fastbml.AGM(encoders, nn.Linear(11, 4), weights_only=True, process_group=None)
+        subsets = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(1))
+        k = agm.update(subsets, torch.arange(8) % 4)
+        results.append([whole(e.weight.grad) for e in encoders.values()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not torch.allclose(k, torch.ones(2))
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
