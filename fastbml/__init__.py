@@ -1,9 +1,10 @@
-"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning, AGM)."""
+"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning, AGM, PMR)."""
 
 from .agm import AGM, agm_coefficients, agm_score_sums, shapley_weights, subset_masks
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
+from .pmr import PMR, pmr_loss_weights
 from .purity import cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 from .scores import modality_scores
@@ -15,6 +16,7 @@ __all__ = [
     "AGM",
     "OGM",
     "OPM",
+    "PMR",
     "DiagnoseRelearn",
     "FeatureLoader",
     "agm_coefficients",
@@ -26,6 +28,7 @@ __all__ = [
     "ogm_modulate_",
     "opm_drop",
     "opm_drop_probs",
+    "pmr_loss_weights",
     "relearn_strength",
     "shapley_weights",
     "soft_reinit_",

@@ -22,7 +22,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dty
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
                  ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None),
-                 ("agm_alpha", 0.0, None))
+                 ("agm_alpha", 0.0, None), ("pmr_alpha", 0.0, None), ("pmr_momentum", 0.0, 1.0))
 
 
 @dataclass
@@ -70,6 +70,11 @@ class TrainConfig:
     agm_alpha: float = 1.0
     agm_start: int = 0
     agm_end: int | None = None
+    # PMR (docs/methods.md#pmr); the authors' defaults
+    pmr_alpha: float = 1.0
+    pmr_momentum: float = 0.2
+    pmr_start: int = 0
+    pmr_end: int | None = None
     # runtime
     amp: str = "none"
     on_nonfinite: str = "stop"   # a non-finite training loss: stop the run, or skip the step
@@ -102,6 +107,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "agm_start",
+                     "pmr_start",
                      "warmup_epochs"):
             value = getattr(self, name)
             if name == "workers" and value is None:
@@ -119,7 +125,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("ogm_end", "opm_end", "agm_end"):
+        for name in ("ogm_end", "opm_end", "agm_end", "pmr_end"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
