@@ -15,17 +15,19 @@ from distributed_utils import run_ranks, values
 from torch.distributed.tensor import DTensor
 
 from fastbml.data import SyntheticConfig, make_synthetic
-from fastbml.models import build_model
-from fastbml.train import MethodStack, Trainer, make_config
+from fastbml.train import Trainer, make_config
 from fastbml.train import checkpoint as ckpt
 
 TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)  # uneven eval shards
 TINY_OPTIONS = (("n_train", 192), ("n_val", 95), ("n_test", 93))
 BATCH = 32
 # each method's settings for a 2-epoch run, and what it logs
-METHODS = {"joint": {}, "opm": {}, "pmr": {}}
-LOGGED = {"opm": "drop_prob_audio", "ogm-ge": "coeff_audio", "dr": "relearn_audio"}
-CUT = dict(method="opm", epochs=3)  # the runs resumed on another world size
+METHODS = {"joint": {}, "opm": {}, "ogm-ge": {}, "dr": {"dr_every": 1, "dr_times": 1},
+           "agm": {}, "pmr": {}}
+LOGGED = {"opm": "drop_prob_audio", "ogm-ge": "coeff_audio", "dr": "relearn_audio",
+          "agm": "agm_score_audio"}
+# the runs resumed on another world size: D&R's sharded snapshot, OGM-GE's counters
+CUT = dict(method="dr+ogm-ge", epochs=3, dr_every=1, dr_times=2)
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -334,11 +336,6 @@ def test_fsdp_refusals(tmp_path, fsdp):
         _cfg(tmp_path, fsdp_shard_size=2)
     with pytest.raises(ValueError, match="fsdp_mixed_precision must be one of"):
         _cfg(tmp_path, fsdp=True, fsdp_mixed_precision="fp16")
-    info = make_synthetic(0, TINY).info
-    model = build_model(info.inputs, info.num_classes, hidden=8, feature_dim=8)
-    with pytest.raises(ValueError, match="method 'agm' does not run under --fsdp"):
-        MethodStack(_cfg(tmp_path, method="agm", fsdp=True), model, info.num_classes,
-                    torch.device("cpu"))
     # a sharded run's directory resumed without --fsdp (and a DDP one with it)
     with pytest.raises(ValueError, match=r"checkpoint_last.dcp is the checkpoint of a run with "
                                          "--fsdp; resume it with --fsdp"):

@@ -70,9 +70,6 @@ class MethodStack:
         modalities = list(model.modalities)
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
-        if cfg.fsdp and "agm" in self.parts:
-            raise ValueError("method 'agm' does not run under --fsdp: AGM scales whole (plain) "
-                             "gradients, not FSDP2's sharded ones; train it with DDP (no --fsdp)")
         seed = cfg.seed
         self.ogm = self.opm = self.dr = self.agm = self.pmr = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
