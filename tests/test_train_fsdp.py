@@ -387,24 +387,31 @@ def test_torchrun_cli_fsdp_two_ranks(tmp_path):
     assert state["world_size"] == 2 and state["config"]["fsdp_mixed_precision"] == "bf16"
 
 
+COMPILED_METHODS = ("opm+ogm-ge", "agm")
+
+
 def compile_job(rank, world, base):
     splits = make_synthetic(0, TINY)
     out = {}
-    for compiled in (False, True):
-        trainer = Recording(_cfg(_out(base, f"compile-{compiled}", rank), method="opm",
-                                 fsdp=True, epochs=1, compile=compiled,
-                                 compile_backend="aot_eager"), splits)
-        trainer.fit()
-        out[compiled] = trainer.trained
+    for method in COMPILED_METHODS:
+        for compiled in (False, True):
+            trainer = Recording(_cfg(_out(base, f"{method}-{compiled}", rank), method=method,
+                                     fsdp=True, epochs=1, compile=compiled,
+                                     compile_backend="aot_eager"), splits)
+            trainer.fit()
+            out[method, compiled] = trainer.trained
     return out
 
 
 def test_fsdp_compiled_forward_equals_eager(tmp_path):
     """--compile under --fsdp: the forward (OPM included) compiled with graph breaks at FSDP2's
-    hooks trains the same model as eager."""
-    eager, compiled = values(run_ranks(compile_job, str(tmp_path)))[0].values()
-    for name, tensor in eager.items():
-        torch.testing.assert_close(compiled[name], tensor, rtol=1e-5, atol=1e-6)
+    hooks, the sharded OGM-GE and AGM steps eager, trains the same model as eager."""
+    runs = values(run_ranks(compile_job, str(tmp_path)))[0]
+    for method in COMPILED_METHODS:
+        for name, tensor in runs[method, False].items():
+            torch.testing.assert_close(runs[method, True][name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, method=method, name=name:
+                                       f"{method} {name}: {m}")
 
 
 def damaged_resume_job(rank, world, out):

@@ -45,6 +45,12 @@ def compiled(cfg: TrainConfig, fn: Callable, *, fullgraph: bool = True) -> Calla
     return torch.compile(fn, fullgraph=fullgraph, backend=cfg.compile_backend, mode=mode)
 
 
+def _gradient_step(cfg: TrainConfig, fn: Callable) -> Callable:
+    """A gradient-modulating step under --compile; eager under --fsdp, where the helpers read
+    each DTensor shard's layout on the host (docs/design.md#fsdp2)."""
+    return fn if cfg.fsdp else compiled(cfg, fn)
+
+
 def parse_method(method: str) -> tuple[str, ...]:
     """The components of a method string such as "opm+ogm-ge" (sorted, "joint" alone)."""
     if not isinstance(method, str) or not method:
@@ -78,8 +84,7 @@ class MethodStack:
                                    start=cfg.ogm_start, end=cfg.ogm_end,
                                    warmup_epochs=cfg.warmup_epochs, seed=seed,
                                    conv_only=cfg.conv_only, backend=cfg.backend)
-            # the sharded (DTensor) step is eager: it reads each shard's layout on the host
-            self._ogm_step = self.ogm.step if cfg.fsdp else compiled(cfg, self.ogm.step)
+            self._ogm_step = _gradient_step(cfg, self.ogm.step)
         if "opm" in self.parts:
             self.opm = fastbml.OPM(modalities, q_base=cfg.q_base, lam=cfg.opm_lambda,
                                    p_exe=cfg.p_exe, start=cfg.opm_start, end=cfg.opm_end,
@@ -94,7 +99,7 @@ class MethodStack:
             self.agm = fastbml.AGM({m: model.encoders[m] for m in modalities}, model.head,
                                    alpha=cfg.agm_alpha, start=cfg.agm_start, end=cfg.agm_end,
                                    backend=cfg.backend)
-            self._agm_update = compiled(cfg, self.agm.update)
+            self._agm_update = _gradient_step(cfg, self.agm.update)
         self._autocast = (device.type, AMP_DTYPES.get(cfg.amp))
         if "pmr" in self.parts:
             self.pmr = fastbml.PMR(modalities, num_classes, alpha=cfg.pmr_alpha,
