@@ -3,9 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "axpby.h"
 #include "lerp.h"
 #include "row_drop.h"
 #include "scale_noise.h"
+#include "split_gram.h"
 #include "true_class_prob.h"
 
 namespace py = pybind11;
@@ -27,4 +29,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("multi_tensor_lerp", &fastbml::multi_tensor_lerp, py::call_guard<py::gil_scoped_release>(),
         py::arg("ptrs"), py::arg("target_ptrs"), py::arg("dtypes"), py::arg("numels"),
         py::arg("weight_index"), py::arg("weights_ptr"));
+  m.def("multi_tensor_split_gram", &fastbml::multi_tensor_split_gram,
+        py::call_guard<py::gil_scoped_release>(), py::arg("sum_ptrs"), py::arg("part_ptrs"),
+        py::arg("dtypes"), py::arg("numels"), py::arg("out_ptr"));
+  m.def("multi_tensor_axpby", &fastbml::multi_tensor_axpby,
+        py::call_guard<py::gil_scoped_release>(), py::arg("x_ptrs"), py::arg("y_ptrs"),
+        py::arg("dtypes"), py::arg("numels"), py::arg("coeffs_ptr"));
 }

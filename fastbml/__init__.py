@@ -1,6 +1,8 @@
-"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning)."""
+"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning,
+MMPareto)."""
 
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
+from .mmpareto import MMPareto, mmpareto_combine_, mmpareto_weights
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
 from .purity import cluster_purity
@@ -15,8 +17,11 @@ __all__ = [
     "OPM",
     "DiagnoseRelearn",
     "FeatureLoader",
+    "MMPareto",
     "cluster_purity",
     "concat_unimodal_logits",
+    "mmpareto_combine_",
+    "mmpareto_weights",
     "modality_scores",
     "ogm_coefficients",
     "ogm_modulate_",

@@ -1,0 +1,229 @@
+"""MMPareto's step: the authors' loop against `fastbml.MMPareto` on a small audio-visual model.
+
+Both compute, from one forward pass, the gradients the optimizer receives (optimizer.step is
+the same for both and not timed):
+- `original`: the authors' training loop (MMPareto_ICML2024 code/MMPareto.py), kept as it is
+  apart from its loss logging: M + 2 = 4 backward passes with a zero_grad and a clone of every
+  encoder gradient after each, the cosine as a Python branch on a device value, the solver's
+  per-tensor dot products read back one by one, and per tensor a norm, a Python branch on the
+  norm ratio and a new gradient tensor;
+- `fastbml[...]`: `MMPareto.backward`, 2 backward passes, two multi-tensor ops and no host sync.
+
+The model: two narrow ResNet-18 trunks (widths 8 to 64, 60 parameter tensors each, as many as
+ResNet-18's) on a 1x64x64 spectrogram and on 2 RGB frames of 48x48, a fused head Linear(128, C)
+and uni-modal heads Linear(64, C), batch 16: small enough that the CPU time goes to the step's
+structure rather than to convolutions.
+
+    python -m benchmarks.bench_mmpareto     # written to benchmarks/results/<device>-mmpareto.md
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbml
+from fastbml.backend import cpp_module, triton_available
+from fastbml.models.resnet import BasicBlock
+
+from .harness import ORIGINAL, Case, fastbml_impl, median, time_case
+from .report import device_name, write_table
+
+BATCH, CLASSES = 16, 6
+
+
+class NarrowTrunk(nn.Module):
+    """ResNet-18's layout (stem, 4 stages of 2 BasicBlocks) at widths 8, 16, 32, 64; pooled."""
+
+    def __init__(self, in_channels: int, width: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, planes_in = [], width
+        for i in range(4):
+            planes = width * 2**i
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(planes_in, planes, stride),
+                                        BasicBlock(planes, planes)))
+            planes_in = planes
+        self.layers = nn.Sequential(*stages)
+        self.out_dim = planes_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.relu(self.bn1(self.conv1(x)))).mean(dim=(2, 3))
+
+
+class AudioVisual(nn.Module):
+    """The authors' AVClassifier layout: audio_net, visual_net, a fused `head` and the
+    uni-modal heads `head_audio`, `head_video` (the names their parameter matching relies on)."""
+
+    def __init__(self, classes: int = CLASSES, width: int = 8):
+        super().__init__()
+        self.audio_net = NarrowTrunk(1, width)
+        self.visual_net = NarrowTrunk(3, width)
+        d = self.audio_net.out_dim
+        self.head = nn.Linear(2 * d, classes)
+        self.head_audio = nn.Linear(d, classes)
+        self.head_video = nn.Linear(d, classes)
+
+    def forward(self, spec: torch.Tensor, frames: torch.Tensor):
+        f_a = self.audio_net(spec)
+        b, c, t, h, w = frames.shape
+        f_v = self.visual_net(frames.transpose(1, 2).reshape(b * t, c, h, w))
+        f_v = f_v.view(b, t, -1).mean(dim=1)
+        return self.head(torch.cat([f_a, f_v], dim=1)), self.head_audio(f_a), self.head_video(f_v)
+
+
+def _authors_min_norm_weights(vecs: list[list[torch.Tensor]]) -> list[float]:
+    """The authors' MinNormSolver.find_min_norm_element for two tasks: per-tensor dot
+    products, each read back to the host, then the closed form (_min_norm_element_from2)."""
+    dps = {}
+    for i, j in ((0, 1), (0, 0), (1, 1)):
+        dps[(i, j)] = 0.0
+        for k in range(len(vecs[i])):
+            dps[(i, j)] += torch.mul(vecs[i][k], vecs[j][k]).sum().data.cpu()
+    v1v1, v1v2, v2v2 = dps[(0, 0)], dps[(0, 1)], dps[(1, 1)]
+    if v1v2 >= v1v1:
+        gamma = 0.999
+    elif v1v2 >= v2v2:
+        gamma = 0.001
+    else:
+        gamma = float(-1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2)))
+    return [gamma, 1 - gamma]
+
+
+def recorded_parameters(model: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """The authors' recorded tensors per task: names without 'head' containing the modality."""
+    records: dict[str, list[tuple[str, torch.Tensor]]] = {"audio": [], "visual": []}
+    for name, param in model.named_parameters():
+        if "head" in name:
+            continue
+        for modality in records:
+            if modality in name:
+                records[modality].append((name, param))
+                break
+    return records
+
+
+def authors_step(model: nn.Module, optimizer: torch.optim.Optimizer, spec: torch.Tensor,
+                 frames: torch.Tensor, label: torch.Tensor, records: dict,
+                 gamma: float = 1.5) -> torch.Tensor:
+    """One step of the authors' loop up to optimizer.step(); returns the total loss."""
+    criterion = nn.CrossEntropyLoss()
+    optimizer.zero_grad()
+    out, out_a, out_v = model(spec, frames)
+    losses = {"both": criterion(out, label), "audio": criterion(out_a, label),
+              "visual": criterion(out_v, label)}
+    grads: dict[str, dict[str, dict[str, torch.Tensor]]] = {"audio": {}, "visual": {}}
+    for loss_type, loss in losses.items():
+        loss.backward(retain_graph=True)
+        for modality in ("audio", "visual"):
+            if loss_type not in ("both", modality):
+                continue
+            saved = grads[modality][loss_type] = {}
+            for name, param in records[modality]:
+                saved[name] = param.grad.data.clone()
+            saved["concat"] = torch.cat([saved[name].flatten() for name, _ in records[modality]])
+        optimizer.zero_grad()
+    k = {}
+    for modality in ("audio", "visual"):
+        both, own = grads[modality]["both"], grads[modality][modality]
+        cos = F.cosine_similarity(both["concat"], own["concat"], dim=0)
+        if cos > 0:  # a host sync
+            k[modality] = [0.5, 0.5]
+        else:
+            k[modality] = _authors_min_norm_weights([list(both.values()), list(own.values())])
+    total = losses["both"] + losses["audio"] + losses["visual"]
+    total.backward()
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        layer = re.split("[_.]", str(name))
+        if "head" in layer:
+            continue
+        for modality in ("audio", "visual"):
+            if modality not in layer:
+                continue
+            three_norm = torch.norm(param.grad.data.clone())
+            new_grad = (2 * k[modality][0] * grads[modality]["both"][name]
+                        + 2 * k[modality][1] * grads[modality][modality][name])
+            diff = three_norm / torch.norm(new_grad)
+            if diff > 1:  # a host sync per tensor
+                param.grad = diff * new_grad * gamma
+            else:
+                param.grad = new_grad * gamma
+    return total
+
+
+def fastbml_step(model: AudioVisual, optimizer: torch.optim.Optimizer, mmpareto: fastbml.MMPareto,
+                 spec: torch.Tensor, frames: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The same step through fastbml.MMPareto (two backward passes, no host sync)."""
+    optimizer.zero_grad()
+    out, out_a, out_v = model(spec, frames)
+    loss_mm = F.cross_entropy(out, label)
+    unimodal = {"audio": F.cross_entropy(out_a, label), "visual": F.cross_entropy(out_v, label)}
+    mmpareto.backward(loss_mm, unimodal)
+    return loss_mm
+
+
+def make_batch(device: torch.device, batch: int = BATCH, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    spec = torch.randn(batch, 1, 64, 64, generator=g)
+    frames = torch.randn(batch, 3, 2, 48, 48, generator=g)
+    label = torch.randint(0, CLASSES, (batch,), generator=g)
+    return spec.to(device), frames.to(device), label.to(device)
+
+
+def _backends(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return ["triton"] if triton_available() else []
+    return ["cpp"] if cpp_module() is not None else []
+
+
+SHAPE = f"narrow AV ResNet-18 (widths 8-64, 2x60 tensors), batch {BATCH}, fp32"
+
+
+def cases(device: torch.device) -> list[Case]:
+    torch.manual_seed(0)
+    model = AudioVisual().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped
+    spec, frames, label = make_batch(device)
+    records = recorded_parameters(model)
+    out = [Case("mmpareto_step", SHAPE, ORIGINAL,
+                lambda: authors_step(model, optimizer, spec, frames, label, records))]
+    for backend in ["torch", *_backends(device)]:
+        helper = fastbml.MMPareto({"audio": model.audio_net, "visual": model.visual_net},
+                                  backend=backend)
+        out.append(Case("mmpareto_step", SHAPE, fastbml_impl(backend),
+                        lambda h=helper: fastbml_step(model, optimizer, h, spec, frames, label)))
+    return out
+
+
+def main(rounds: int = 21) -> None:
+    """Medians with the implementations interleaved call by call (two warm-up rounds)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    all_cases = cases(device)
+    samples: dict[str, list[float]] = {case.impl: [] for case in all_cases}
+    for r in range(rounds + 2):
+        for case in all_cases:
+            seconds = time_case(case, device, repeats=1, warmup=0)
+            if r >= 2:
+                samples[case.impl] += seconds
+    times = {impl: median(s) for impl, s in samples.items()}
+    name = device_name(device)
+    lines = [f"# MMPareto step on {name}", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {SHAPE}; from the "
+             "forward pass to the gradients the optimizer receives (optimizer.step excluded); "
+             f"median of {rounds} steps per implementation, interleaved. The authors' loop "
+             "takes 4 backward passes, fastbml 2.", "",
+             "| implementation | median ms | × vs original |", "|---|---:|---:|"]
+    for impl, seconds in times.items():
+        lines.append(f"| {impl} | {seconds * 1e3:.1f} | {times[ORIGINAL] / seconds:.2f} |")
+    write_table(f"{name}-mmpareto.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
