@@ -359,8 +359,10 @@ def test_helper_takes_two_backward_passes_and_the_authors_four():
     """Counted at the audio encoder's output: every backward pass that reaches it runs its hook."""
     model = _small_model()
     passes = []
-    model.audio_net.register_forward_hook(
-        lambda _module, _inputs, out: out.register_hook(lambda _grad: passes.append(1)))
+
+    def count_backward_passes(_module, _inputs, out):
+        out.register_hook(lambda _grad: passes.append(1))
+    model.audio_net.register_forward_hook(count_backward_passes)
     spec, frames, label = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     authors_step(model, opt, spec, frames, label, recorded_parameters(model))
