@@ -9,10 +9,10 @@ the same for both and not timed):
   norm ratio and a new gradient tensor;
 - `fastbml[...]`: `MMPareto.backward`, 2 backward passes, two multi-tensor ops and no host sync.
 
-The model: two narrow ResNet-18 trunks (widths 8 to 64, 60 parameter tensors each, as many as
-ResNet-18's) on a 1x64x64 spectrogram and on 2 RGB frames of 48x48, a fused head Linear(128, C)
-and uni-modal heads Linear(64, C), batch 16: small enough that the CPU time goes to the step's
-structure rather than to convolutions.
+The model: two narrow ResNet-18 trunks (60 parameter tensors each, as many as ResNet-18's) on a
+spectrogram and on RGB frames, a fused head and uni-modal heads, at three sizes from
+compute-bound (widths 8 to 64, batch 16) to overhead-bound (widths 4 to 32, batch 4, 16x16
+inputs); the plain multitask step (one backward pass) is timed alongside for scale.
 
     python -m benchmarks.bench_mmpareto     # written to benchmarks/results/<device>-mmpareto.md
 """
@@ -169,10 +169,26 @@ def fastbml_step(model: AudioVisual, optimizer: torch.optim.Optimizer, mmpareto:
     return loss_mm
 
 
-def make_batch(device: torch.device, batch: int = BATCH, seed: int = 0):
+def joint_step(model: AudioVisual, optimizer: torch.optim.Optimizer, spec: torch.Tensor,
+               frames: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The plain multitask step (one backward of L_mm + L_a + L_v, no MMPareto): the floor."""
+    optimizer.zero_grad()
+    out, out_a, out_v = model(spec, frames)
+    total = (F.cross_entropy(out, label) + F.cross_entropy(out_a, label)
+             + F.cross_entropy(out_v, label))
+    total.backward()
+    return total
+
+
+# (width, batch, spectrogram side, frames, frame side): compute-bound to overhead-bound
+SIZES = ((8, 16, 64, 2, 48), (4, 8, 32, 1, 24), (4, 4, 16, 1, 16))
+
+
+def make_batch(device: torch.device, batch: int = BATCH, spec_side: int = 64,
+               n_frames: int = 2, frame_side: int = 48, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    spec = torch.randn(batch, 1, 64, 64, generator=g)
-    frames = torch.randn(batch, 3, 2, 48, 48, generator=g)
+    spec = torch.randn(batch, 1, spec_side, spec_side, generator=g)
+    frames = torch.randn(batch, 3, n_frames, frame_side, frame_side, generator=g)
     label = torch.randint(0, CLASSES, (batch,), generator=g)
     return spec.to(device), frames.to(device), label.to(device)
 
@@ -183,22 +199,29 @@ def _backends(device: torch.device) -> list[str]:
     return ["cpp"] if cpp_module() is not None else []
 
 
-SHAPE = f"narrow AV ResNet-18 (widths 8-64, 2x60 tensors), batch {BATCH}, fp32"
+JOINT = "plain multitask step (1 backward, no MMPareto)"
 
 
 def cases(device: torch.device) -> list[Case]:
-    torch.manual_seed(0)
-    model = AudioVisual().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped
-    spec, frames, label = make_batch(device)
-    records = recorded_parameters(model)
-    out = [Case("mmpareto_step", SHAPE, ORIGINAL,
-                lambda: authors_step(model, optimizer, spec, frames, label, records))]
-    for backend in ["torch", *_backends(device)]:
-        helper = fastbml.MMPareto({"audio": model.audio_net, "visual": model.visual_net},
-                                  backend=backend)
-        out.append(Case("mmpareto_step", SHAPE, fastbml_impl(backend),
-                        lambda h=helper: fastbml_step(model, optimizer, h, spec, frames, label)))
+    out = []
+    for width, batch, spec_side, n_frames, frame_side in SIZES:
+        torch.manual_seed(0)
+        model = AudioVisual(width=width).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped
+        data = make_batch(device, batch, spec_side, n_frames, frame_side)
+        records = recorded_parameters(model)
+        shape = (f"narrow AV ResNet-18 (widths {width}-{8 * width}, 2x60 tensors), batch "
+                 f"{batch}, spectrogram {spec_side}^2, {n_frames} frame(s) {frame_side}^2, fp32")
+        out.append(Case("mmpareto_step", shape, ORIGINAL,
+                        lambda m=model, o=optimizer, d=data, r=records: authors_step(m, o, *d, r)))
+        for backend in ["torch", *_backends(device)]:
+            helper = fastbml.MMPareto({"audio": model.audio_net, "visual": model.visual_net},
+                                      backend=backend)
+            out.append(Case("mmpareto_step", shape, fastbml_impl(backend),
+                            lambda m=model, o=optimizer, h=helper, d=data:
+                            fastbml_step(m, o, h, *d)))
+        out.append(Case("mmpareto_step", shape, JOINT,
+                        lambda m=model, o=optimizer, d=data: joint_step(m, o, *d)))
     return out
 
 
@@ -206,23 +229,27 @@ def main(rounds: int = 21) -> None:
     """Medians with the implementations interleaved call by call (two warm-up rounds)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     all_cases = cases(device)
-    samples: dict[str, list[float]] = {case.impl: [] for case in all_cases}
+    samples: dict[tuple[str, str], list[float]] = {(c.shape, c.impl): [] for c in all_cases}
     for r in range(rounds + 2):
         for case in all_cases:
             seconds = time_case(case, device, repeats=1, warmup=0)
             if r >= 2:
-                samples[case.impl] += seconds
-    times = {impl: median(s) for impl, s in samples.items()}
+                samples[(case.shape, case.impl)] += seconds
     name = device_name(device)
     lines = [f"# MMPareto step on {name}", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {SHAPE}; from the "
-             "forward pass to the gradients the optimizer receives (optimizer.step excluded); "
-             f"median of {rounds} steps per implementation, interleaved. The authors' loop "
-             "takes 4 backward passes, fastbml 2.", "",
-             "| implementation | median ms | × vs original |", "|---|---:|---:|"]
-    for impl, seconds in times.items():
-        lines.append(f"| {impl} | {seconds * 1e3:.1f} | {times[ORIGINAL] / seconds:.2f} |")
-    write_table(f"{name}-mmpareto.md", "\n".join(lines) + "\n")
+             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); from the forward "
+             "pass to the gradients the optimizer receives (optimizer.step excluded); median of "
+             f"{rounds} steps per row, all rows interleaved step by step. The authors' loop "
+             "takes 4 backward passes (3 through each encoder), fastbml 2; the last row of each "
+             "table is plain multitask training, one backward pass, for scale.", ""]
+    for shape in dict.fromkeys(c.shape for c in all_cases):
+        times = {impl: median(s) for (sh, impl), s in samples.items() if sh == shape}
+        lines += [f"## {shape}", "", "| implementation | median ms | × vs original |",
+                  "|---|---:|---:|"]
+        for impl, seconds in times.items():
+            lines.append(f"| {impl} | {seconds * 1e3:.2f} | {times[ORIGINAL] / seconds:.2f} |")
+        lines.append("")
+    write_table(f"{name}-mmpareto.md", "\n".join(lines))
 
 
 if __name__ == "__main__":
