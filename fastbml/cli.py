@@ -19,7 +19,8 @@ from .train.config import AMP_MODES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfi
 _HELP = {
     "dataset": f"dataset name: {', '.join(dataset_names())}",
     "data_root": "directory holding the dataset (its layout: README.md, Datasets)",
-    "method": "joint, ogm, ogm-ge, opm, dr, or a combination joined by '+' (e.g. opm+ogm-ge)",
+    "method": "joint, ogm, ogm-ge, opm, dr, mmpareto, or a combination joined by '+' (e.g. "
+              "opm+ogm-ge)",
     "fusion": f"fusion head: {', '.join(FUSIONS)}",
     "init": "reference init: ogm (OGM-GE / T-PAMI global re-init) or dr (D&R: ResNet's own)",
     "modalities": "train on these modalities only (a uni-modal baseline with one)",
@@ -32,6 +33,9 @@ _HELP = {
     "warmup_epochs": "no OGM/OPM before this epoch (T-PAMI uses 6)",
     "dr_every": "D&R: re-learn after every this many epochs", "dr_times": "D&R: how many times",
     "dr_lambda": "D&R lambda", "dr_clusters": "D&R k-means clusters (default: classes)",
+    "mmpareto_gamma": "MMPareto step enlargement gamma",
+    "mmpareto_start": "first epoch MMPareto combines gradients (0-based)",
+    "mmpareto_end": "last epoch MMPareto combines gradients",
     "batch_size": "batch size per process (under torchrun the global batch is world size x this)",
     "device": "auto, cpu, cuda or cuda:N (under torchrun auto/cuda mean cuda:LOCAL_RANK)",
     "dist_backend": "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on "

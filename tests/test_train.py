@@ -7,7 +7,7 @@ import torch
 
 from fastbml import cli
 from fastbml.data import SyntheticConfig, make_synthetic
-from fastbml.train import Trainer, format_table, make_config, parse_method, run_demo
+from fastbml.train import Trainer, checkpoint, format_table, make_config, parse_method, run_demo
 
 TINY = SyntheticConfig(n_train=192, n_val=96, n_test=96)
 TINY_OPTIONS = {"n_train": 192, "n_val": 96, "n_test": 96}
@@ -71,7 +71,7 @@ def test_modulation_changes_training(tmp_path):
     torch.testing.assert_close(joint.model.head.fc.weight.shape, ogm.model.head.fc.weight.shape)
 
 
-@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr"])
+@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "mmpareto+opm"])
 def test_resume_is_bit_identical(tmp_path, method):
     splits = make_synthetic(0, TINY)
     kw = dict(method=method, epochs=3, dr_every=1, dr_times=2, scheduler="step", step_size=1,
@@ -190,3 +190,30 @@ def test_compile_flags_on_the_command_line(tmp_path):
     assert json.loads((out / "config.json").read_text())["compile"] is True
     with pytest.raises(ValueError, match="compile_mode"):
         make_config("demo", compile_mode="fast")
+
+
+@pytest.mark.parametrize("method", ["mmpareto", "mmpareto+opm"])
+def test_mmpareto_trains_its_unimodal_heads_and_logs_the_conflicts(tmp_path, method):
+    splits = make_synthetic(0, TINY)
+    trainer = Trainer(_cfg(tmp_path, method=method, epochs=1), splits)
+    heads = trainer.model.unimodal_heads
+    before = {m: h.weight.detach().clone() for m, h in heads.items()}
+    summary = trainer.fit()
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for m in ("audio", "visual"):
+        assert -1.0 <= history[0][f"cos_{m}"] <= 1.0
+        assert 0.0 <= history[0][f"conflict_{m}"] <= 1.0
+        assert not torch.equal(before[m], heads[m].weight)  # the uni-modal losses train them
+    assert 0.0 <= summary["test"]["acc_visual"] <= 1.0
+    state = checkpoint.load(tmp_path / "run" / "checkpoint_last.pt")
+    assert state["methods"]["mmpareto"]["steps"] == 6  # 192 samples / batch 32
+    assert any(k.startswith("unimodal_heads.") for k in state["model"])
+
+
+def test_mmpareto_refuses_ogm_and_plain_runs_build_no_unimodal_heads(tmp_path):
+    for method in ("mmpareto+ogm", "ogm-ge+mmpareto"):
+        with pytest.raises(ValueError, match="both rewrite the encoders' gradients"):
+            parse_method(method)
+    trainer = Trainer(_cfg(tmp_path, method="ogm-ge", epochs=1), make_synthetic(0, TINY))
+    assert trainer.model.unimodal_heads is None
+    trainer.close()

@@ -18,7 +18,8 @@ ON_NONFINITE = ("stop", "skip")  # what a non-finite training loss does
 # The float settings: each must be a finite number in [low, high] (None: unbounded).
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
-                 ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None))
+                 ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None),
+                 ("mmpareto_gamma", 0.0, None))
 
 
 @dataclass
@@ -62,6 +63,10 @@ class TrainConfig:
     dr_times: int = 3
     dr_lambda: float = 3.0
     dr_clusters: int | None = None  # None: the number of classes
+    # MMPareto (docs/methods.md#mmpareto)
+    mmpareto_gamma: float = 1.5
+    mmpareto_start: int = 0
+    mmpareto_end: int | None = None
     # runtime
     amp: str = "none"
     on_nonfinite: str = "stop"   # a non-finite training loss: stop the run, or skip the step
@@ -93,7 +98,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "warmup_epochs"):
+        for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "warmup_epochs",
+                     "mmpareto_start"):
             value = getattr(self, name)
             if name == "workers" and value is None:
                 continue
@@ -110,7 +116,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("ogm_end", "opm_end"):
+        for name in ("ogm_end", "opm_end", "mmpareto_end"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):

@@ -1,11 +1,11 @@
 """The training loop behind `fastbml train`: one run of one method on one dataset.
 
-Per epoch: train (OPM in the forward, OGM after backward), evaluate on val, D&R after the
-evaluation (as the D&R code does), log, checkpoint. The best-val epoch's model is evaluated on
-test once at the end: model selection never looks at test. Every epoch's shuffle is seeded by
-(seed, epoch) and the checkpoint carries model, optimiser, scheduler, AMP scaler, method state
-and the global RNG, so a resumed run continues exactly as an uninterrupted one (bit-identical on
-CPU).
+Per epoch: train (OPM in the forward, MMPareto as the backward pass, OGM after it), evaluate
+on val, D&R after the evaluation (as the D&R code does), log, checkpoint. The best-val epoch's
+model is evaluated on test once at the end: model selection never looks at test. Every epoch's
+shuffle is seeded by (seed, epoch) and the checkpoint carries model, optimiser, scheduler, AMP
+scaler, method state and the global RNG, so a resumed run continues exactly as an
+uninterrupted one (bit-identical on CPU).
 
 Under DDP (`torchrun ... -m fastbml train`, or any initialised process group of 2+ ranks) the
 model runs inside DistributedDataParallel, every rank trains on its shard of each epoch's
@@ -47,7 +47,7 @@ from ..models import build_model
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_dict
 from .logger import RunLogger, plot_history
-from .methods import MethodStack, compiled
+from .methods import MethodStack, compiled, needs_unimodal_heads
 from .metrics import classification_metrics
 
 CHECKPOINT = "checkpoint_last.pt"
@@ -175,8 +175,9 @@ def _gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
 
 
 class _TrainForward(nn.Module):
-    """The training forward (encoders, OPM, fusion head) as one module, for DDP to wrap: its
-    only submodule is the model, so DDP sees (and all-reduces) exactly the model's gradients."""
+    """The training forward (encoders, OPM, fusion head, the uni-modal heads MMPareto trains) as
+    one module, for DDP to wrap: its only submodule is the model, so DDP sees (and all-reduces)
+    exactly the model's gradients."""
 
     def __init__(self, model: nn.Module, methods: MethodStack):
         super().__init__()
@@ -188,7 +189,7 @@ class _TrainForward(nn.Module):
         features = model.encode(inputs)
         unimodal = model.head.unimodal_logits(features)
         fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
-        return model.head(fused_in), unimodal, weights
+        return model.head(fused_in), unimodal, weights, model.unimodal_head_logits(features)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -301,8 +302,9 @@ class Trainer:
                              f"got {cfg.modalities!r}")
         inputs = {m: info.inputs[m] for m in self.modalities}
         self.model = build_model(inputs, info.num_classes, fusion=cfg.fusion,
-                                 init=cfg.init, hidden=cfg.hidden,
-                                 feature_dim=cfg.feature_dim).to(self.device)
+                                 init=cfg.init, hidden=cfg.hidden, feature_dim=cfg.feature_dim,
+                                 unimodal_heads=needs_unimodal_heads(cfg.method)
+                                 ).to(self.device)
         self.methods = MethodStack(cfg, self.model, info.num_classes, self.device)
         self.optimizer = _build_optimizer(cfg, self.model.parameters())
         self.scheduler = _build_scheduler(cfg, self.optimizer)
@@ -499,7 +501,7 @@ class Trainer:
         model = self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, unimodal, weights = self._forward(inputs, labels, epoch)
+            logits, unimodal, weights, head_logits = self._forward(inputs, labels, epoch)
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum()
         aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
@@ -514,11 +516,9 @@ class Trainer:
                 return None
         else:  # no sync: checked once per epoch (NaN / inf propagate through the sum)
             self._loss_check += total.detach()
+        self.methods.backward(total, head_logits, labels, epoch, self.scaler)
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
         self.methods.after_backward(unimodal, labels, epoch)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -1,9 +1,10 @@
-"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | a+b`).
+"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | mmpareto |
+a+b`).
 
 `MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
-and the fusion head, OGM / OGM-GE after backward (after unscaling with AMP), D&R after each
-epoch's evaluation. It also gathers what each method did for the logs, on device, and syncs once
-per epoch.
+and the fusion head, MMPareto as the backward pass itself (over the model's uni-modal heads),
+OGM / OGM-GE after backward (after unscaling with AMP), D&R after each epoch's evaluation. It
+also gathers what each method did for the logs, on device, and syncs once per epoch.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.nn import functional as F
 
 import fastbml
 
 from ..models import MultimodalClassifier
 from .config import TrainConfig
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "mmpareto")
+# Methods whose model carries trained uni-modal heads (MultimodalClassifier(unimodal_heads=True)).
+UNIMODAL_HEAD_METHODS = ("mmpareto",)
 
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
@@ -42,7 +46,16 @@ def parse_method(method: str) -> tuple[str, ...]:
         raise ValueError("method 'joint' (plain training) cannot be combined with others")
     if {"ogm", "ogm-ge"} <= set(parts):
         raise ValueError("method: choose one of 'ogm' and 'ogm-ge'")
+    if "mmpareto" in parts and {"ogm", "ogm-ge"} & set(parts):
+        raise ValueError("method: 'mmpareto' and OGM both rewrite the encoders' gradients after "
+                         "backward (MMPareto's combination would be rescaled by coefficients "
+                         "scored for the fused loss alone); combine mmpareto with opm or dr")
     return parts
+
+
+def needs_unimodal_heads(method: str) -> bool:
+    """Whether the model of a run of `method` needs trained uni-modal heads."""
+    return any(p in UNIMODAL_HEAD_METHODS for p in parse_method(method))
 
 
 class MethodStack:
@@ -55,7 +68,7 @@ class MethodStack:
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
         seed = cfg.seed
-        self.ogm = self.opm = self.dr = None
+        self.ogm = self.opm = self.dr = self.mmpareto = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
             self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
                                    form=cfg.ogm_form, noise="ogm-ge" in self.parts,
@@ -68,6 +81,13 @@ class MethodStack:
                                    p_exe=cfg.p_exe, start=cfg.opm_start, end=cfg.opm_end,
                                    warmup_epochs=cfg.warmup_epochs, seed=seed + 1,
                                    backend=cfg.backend).to(device)
+        if "mmpareto" in self.parts:
+            if model.unimodal_heads is None:
+                raise ValueError("method 'mmpareto' needs a model with uni-modal heads "
+                                 "(build_model(..., unimodal_heads=True))")
+            self.mmpareto = fastbml.MMPareto({m: model.encoders[m] for m in modalities},
+                                             gamma=cfg.mmpareto_gamma, start=cfg.mmpareto_start,
+                                             end=cfg.mmpareto_end, backend=cfg.backend)
         if "dr" in self.parts:
             self.dr = fastbml.DiagnoseRelearn(
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
@@ -88,6 +108,21 @@ class MethodStack:
             return features, None
         return self.opm(features, unimodal, labels, epoch)
 
+    def backward(self, loss: torch.Tensor, head_logits: Mapping[str, torch.Tensor] | None,
+                 labels: torch.Tensor, epoch: int,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        """The step's backward pass: MMPareto's (the uni-modal heads' losses next to `loss`,
+        two passes and the combination of the encoders' gradients), else one backward of
+        `loss`; scaled by `scaler` when given (the caller unscales afterwards)."""
+        if self.mmpareto is None:
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            return
+        unimodal = {m: F.cross_entropy(u.float(), labels) for m, u in head_logits.items()}
+        self.mmpareto.backward(loss, unimodal, epoch, scaler=scaler)
+        if self.mmpareto.active(epoch):
+            self._add("cos", self.mmpareto.last_cos)
+            self._add("conflict", (self.mmpareto.last_cos <= 0).float())
+
     def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
                        epoch: int) -> None:
         """Modulate the encoders' gradients (OGM / OGM-GE) and accumulate the step's logs."""
@@ -103,7 +138,9 @@ class MethodStack:
         self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
 
     def epoch_logs(self) -> dict[str, float]:
-        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>); resets the sums."""
+        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, and MMPareto's
+        cos_<m> and conflict_<m>, the fraction of steps whose gradients conflicted); resets the
+        sums."""
         out = {}
         for key, total in self._sums.items():
             for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
@@ -119,11 +156,15 @@ class MethodStack:
         return dict(self.dr.step(epoch, train_features, val_features) or {})
 
     def state_dict(self) -> dict:
-        return {name: helper.state_dict() for name, helper in
-                (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr)) if helper is not None}
+        return {name: helper.state_dict() for name, helper in self._helpers()
+                if helper is not None}
+
+    def _helpers(self) -> tuple:
+        return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr),
+                ("mmpareto", self.mmpareto))
 
     def load_state_dict(self, state: Mapping) -> None:
-        for name, helper in (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr)):
+        for name, helper in self._helpers():
             if helper is None:
                 continue
             if name not in state:
