@@ -31,6 +31,7 @@ from fastbml.models.resnet import BasicBlock
 
 from .harness import ORIGINAL, Case, fastbml_impl, median, time_case
 from .report import device_name, write_table
+from .resnet_shapes import audio_visual_conv_grads
 
 BATCH, CLASSES = 16, 6
 
@@ -128,6 +129,15 @@ def authors_step(model: nn.Module, optimizer: torch.optim.Optimizer, spec: torch
                 saved[name] = param.grad.data.clone()
             saved["concat"] = torch.cat([saved[name].flatten() for name, _ in records[modality]])
         optimizer.zero_grad()
+    total = losses["both"] + losses["audio"] + losses["visual"]
+    k = authors_weights(grads)
+    total.backward()
+    authors_rewrite(model.named_parameters(), grads, k, gamma)
+    return total
+
+
+def authors_weights(grads: dict) -> dict[str, list[float]]:
+    """The authors' weights per modality: a Python branch on the cosine, else the solver."""
     k = {}
     for modality in ("audio", "visual"):
         both, own = grads[modality]["both"], grads[modality][modality]
@@ -136,9 +146,12 @@ def authors_step(model: nn.Module, optimizer: torch.optim.Optimizer, spec: torch
             k[modality] = [0.5, 0.5]
         else:
             k[modality] = _authors_min_norm_weights([list(both.values()), list(own.values())])
-    total = losses["both"] + losses["audio"] + losses["visual"]
-    total.backward()
-    for name, param in model.named_parameters():
+    return k
+
+
+def authors_rewrite(named_parameters, grads: dict, k: dict, gamma: float = 1.5) -> None:
+    """The authors' per-tensor rewrite of the encoder gradients (`.grad` holds the total's)."""
+    for name, param in named_parameters:
         if param.grad is None:
             continue
         layer = re.split("[_.]", str(name))
@@ -155,7 +168,6 @@ def authors_step(model: nn.Module, optimizer: torch.optim.Optimizer, spec: torch
                 param.grad = diff * new_grad * gamma
             else:
                 param.grad = new_grad * gamma
-    return total
 
 
 def fastbml_step(model: AudioVisual, optimizer: torch.optim.Optimizer, mmpareto: fastbml.MMPareto,
@@ -222,6 +234,45 @@ def cases(device: torch.device) -> list[Case]:
                             fastbml_step(m, o, h, *d)))
         out.append(Case("mmpareto_step", shape, JOINT,
                         lambda m=model, o=optimizer, d=data: joint_step(m, o, *d)))
+    return out + combination_cases(device)
+
+
+def combination_cases(device: torch.device) -> list[Case]:
+    """The combination alone, after the gradients are captured, on stand-ins for the conv
+    gradients of two ResNet-18 encoders (one modality conflicting, the other not): the
+    authors' weights and per-tensor rewrite against `mmpareto_combine_`."""
+    g_mm = [list(group) for group in audio_visual_conv_grads(device)]
+    gen = torch.Generator().manual_seed(1)
+    noise = [[torch.randn(g.shape, generator=gen).to(device) * 1e-3 for g in group]
+             for group in g_mm]
+    # audio: g_uni mostly against g_mm (the conflict branch); visual: along it (the plain sum)
+    g_uni = [[-0.5 * g + n for g, n in zip(g_mm[0], noise[0])],
+             [0.5 * g + n for g, n in zip(g_mm[1], noise[1])]]
+    names = [[f"{m}_net.conv{i}.weight" for i in range(len(g))]
+             for m, g in zip(("audio", "visual"), g_mm)]
+    params = [[nn.Parameter(torch.empty_like(g)) for g in group] for group in g_mm]
+    totals = [[a + b for a, b in zip(x, y)] for x, y in zip(g_mm, g_uni)]
+    grads = {}
+    for m, modality in enumerate(("audio", "visual")):
+        grads[modality] = {
+            key: {**dict(zip(names[m], g[m])), "concat": torch.cat([t.flatten() for t in g[m]])}
+            for key, g in (("both", g_mm), (modality, g_uni))}
+    named = [(n, p) for group_n, group_p in zip(names, params) for n, p in zip(group_n, group_p)]
+
+    def restore():
+        for group_p, group_t in zip(params, totals):
+            for p, t in zip(group_p, group_t):
+                p.grad = t.clone()
+
+    n_elements = sum(g.numel() for group in g_mm for g in group)
+    shape = f"2x ResNet-18 conv grads: {len(named)} tensors, {n_elements / 1e6:.1f}M fp32"
+    out = [Case("mmpareto_combination", shape, ORIGINAL,
+                lambda: authors_rewrite(named, grads, authors_weights(grads)), setup=restore)]
+    for backend in ["torch", *_backends(device)]:
+        out.append(Case("mmpareto_combination", shape, fastbml_impl(backend),
+                        lambda b=backend: fastbml.mmpareto_combine_(
+                            [[p.grad for p in group] for group in params], g_uni, backend=b),
+                        setup=restore))
     return out
 
 

@@ -19,15 +19,12 @@ from ._multi_tensor import CPP_DTYPE_CODES
 
 
 def _torch_impl(sums, parts):
-    device = sums[0].device
-    numels = [t.numel() for t in sums]
-    s = torch.cat([t.reshape(-1).to(torch.float64) for t in sums])
-    b = torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
-    d = s - b
-    segment = torch.repeat_interleave(torch.arange(len(sums), device=device),
-                                      torch.tensor(numels, device=device), output_size=s.numel())
-    products = torch.stack([d * d, d * b, b * b, s * s], dim=1)
-    return products.new_zeros(len(sums), 4).index_add_(0, segment, products)
+    rows = []
+    for s, b in zip(sums, parts):  # one tensor at a time: float64 copies of one tensor only
+        s, b = s.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+        d = s - b
+        rows.append(torch.stack([d @ d, d @ b, b @ b, s @ s]))
+    return torch.stack(rows)
 
 
 def _cpp_kernel(sums, parts):
