@@ -62,7 +62,7 @@ def make_trainer(device: torch.device, method: str, out: str,
 def _original_ogm_ge(model, alpha: float):
     """OGM-GE after backward as the OGM-GE repository's main.py does it
     (docs/methods.md#reference-pitfalls)."""
-    def after_backward(unimodal, labels, epoch):
+    def after_backward(unimodal, labels, epoch, **_):  # the batch (inputs, logits) unused
         softmax = torch.nn.Softmax(dim=1)
         score_a = sum(softmax(unimodal["audio"])[i][labels[i]] for i in range(labels.shape[0]))
         score_v = sum(softmax(unimodal["visual"])[i][labels[i]] for i in range(labels.shape[0]))

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "axpby.h"
+#include "combined_nll.h"
 #include "lerp.h"
 #include "row_drop.h"
 #include "scale_noise.h"
@@ -21,6 +22,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("true_class_prob_sums", &fastbml::true_class_prob_sums,
         py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptrs"), py::arg("dtype"),
         py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"), py::arg("out_ptr"));
+  m.def("combined_nll_sums", &fastbml::combined_nll_sums,
+        py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptr"), py::arg("dtype"),
+        py::arg("n_sets"), py::arg("batch"), py::arg("n_classes"), py::arg("weights_ptr"),
+        py::arg("n_groups"), py::arg("labels_ptr"), py::arg("max_nll"), py::arg("out_ptr"));
   m.def("row_drop_scale", &fastbml::row_drop_scale, py::call_guard<py::gil_scoped_release>(),
         py::arg("in_ptrs"), py::arg("out_ptrs"), py::arg("dtype"), py::arg("batch"),
         py::arg("dims"), py::arg("row_strides"), py::arg("q_ptr"), py::arg("threshold"),

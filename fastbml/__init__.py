@@ -1,6 +1,7 @@
 """fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning,
-MMPareto)."""
+AGM, MMPareto)."""
 
+from .agm import AGM, agm_coefficients, agm_score_sums, shapley_weights, subset_masks
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .mmpareto import MMPareto, mmpareto_combine_, mmpareto_weights
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
@@ -13,11 +14,14 @@ from .unimodal import concat_unimodal_logits, sum_unimodal_logits, unimodal_logi
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
     "OGM",
     "OPM",
     "DiagnoseRelearn",
     "FeatureLoader",
     "MMPareto",
+    "agm_coefficients",
+    "agm_score_sums",
     "cluster_purity",
     "concat_unimodal_logits",
     "mmpareto_combine_",
@@ -28,7 +32,9 @@ __all__ = [
     "opm_drop",
     "opm_drop_probs",
     "relearn_strength",
+    "shapley_weights",
     "soft_reinit_",
+    "subset_masks",
     "sum_unimodal_logits",
     "unimodal_logits",
 ]

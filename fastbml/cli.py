@@ -19,8 +19,8 @@ from .train.config import AMP_MODES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfi
 _HELP = {
     "dataset": f"dataset name: {', '.join(dataset_names())}",
     "data_root": "directory holding the dataset (its layout: README.md, Datasets)",
-    "method": "joint, ogm, ogm-ge, opm, dr, mmpareto, or a combination joined by '+' (e.g. "
-              "opm+ogm-ge)",
+    "method": "joint, ogm, ogm-ge, opm, dr, agm, mmpareto, or a combination joined by '+' "
+              "(e.g. opm+ogm-ge)",
     "fusion": f"fusion head: {', '.join(FUSIONS)}",
     "init": "reference init: ogm (OGM-GE / T-PAMI global re-init) or dr (D&R: ResNet's own)",
     "modalities": "train on these modalities only (a uni-modal baseline with one)",
@@ -32,6 +32,8 @@ _HELP = {
     "q_base": "OPM base drop probability", "opm_lambda": "OPM lambda", "p_exe": "OPM p_exe",
     "warmup_epochs": "no OGM/OPM before this epoch (T-PAMI uses 6)",
     "dr_every": "D&R: re-learn after every this many epochs", "dr_times": "D&R: how many times",
+    "agm_alpha": "AGM alpha", "agm_start": "first epoch AGM modulates (0-based)",
+    "agm_end": "last epoch AGM modulates",
     "dr_lambda": "D&R lambda", "dr_clusters": "D&R k-means clusters (default: classes)",
     "mmpareto_gamma": "MMPareto step enlargement gamma",
     "mmpareto_start": "first epoch MMPareto combines gradients (0-based)",
@@ -53,7 +55,8 @@ _HELP = {
                     "checkpoint kept) or skip (the step is skipped and counted, as GradScaler "
                     "does)",
 }
-_NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "dr_clusters": int,
+_NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "agm_end": int,
+                       "dr_clusters": int,
                        "threads": int, "workers": int}
 
 

@@ -17,10 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, finite_number
+from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
 from ._method import MethodScaffold
 from .ogm import _check_params, _flatten, _grouped
-from .ops._multi_tensor import check_disjoint
 from .ops.axpby import multi_tensor_axpby_
 from .ops.split_gram import multi_tensor_split_gram
 

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from . import distributed, rng
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, finite_number
+from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
 from ._method import MethodScaffold
-from .ops._multi_tensor import check_disjoint
 from .ops.scale_noise import multi_tensor_scale_noise_
 from .scores import modality_scores
 

@@ -20,8 +20,14 @@ from typing import NoReturn
 
 import torch
 
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_plain, check_unit_range, finite_number
-from .ops._multi_tensor import check_disjoint
+from ._checks import (
+    FLOAT_DTYPES,
+    PLAIN_TENSORS,
+    check_disjoint,
+    check_plain,
+    check_unit_range,
+    finite_number,
+)
 from .ops.lerp import multi_tensor_lerp_
 
 Number = int | float

@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastbml.kernels import lerp, row_drop, scale_noise, true_class_prob
+from fastbml.kernels import combined_nll, lerp, row_drop, scale_noise, true_class_prob
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -41,6 +41,11 @@ def specs():
             "logits": f"*{name}", "labels": "*i64", "out": "*fp32", "batch": "i32",
             "n_classes": "i32", "stride_g": "i64", "stride_b": "i64", "stride_c": "i64",
             "ROWS": "constexpr", "COLS": "constexpr"}, {"ROWS": 64, "COLS": 64}
+        yield f"combined_nll[{name}]", combined_nll._combined_nll_kernel, {
+            "logits": f"*{name}", "weights": "*fp32", "labels": "*i64", "out": "*fp32",
+            "n_sets": "i32", "batch": "i32", "n_classes": "i32", "max_nll": "fp32",
+            "stride_s": "i64", "stride_b": "i64", "stride_c": "i64", "ROWS": "constexpr",
+            "COLS": "constexpr"}, {"ROWS": 64, "COLS": 64}
         yield f"drop_scale[{name}]", row_drop._drop_scale_kernel, {
             "in_table": "*i64", "out_table": "*i64", "stride_table": "*i64",
             "dim_table": "*i64", "first_prog": "*i64", "q": "*fp32", "n_mod": "i32",

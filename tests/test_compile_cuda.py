@@ -29,8 +29,8 @@ def compiled():
 def test_every_kernel_compiles_for_sm90(compiled):
     kernels = {name.split("[")[0] for name in compiled}
     assert kernels == {"moments", "rewrite", "sigma", "true_class_prob", "drop_scale", "weights",
-                       "lerp"}
-    assert len(compiled) == 17
+                       "lerp", "combined_nll"}
+    assert len(compiled) == 20
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])

@@ -20,12 +20,15 @@ def _cfg(tmp_path, **kw):
     return make_config("demo", **values)
 
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "opm+ogm-ge", "dr", "dr+ogm-ge")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "opm+ogm-ge", "dr", "dr+ogm-ge", "agm", "agm+dr")
 
 
 def test_parse_method():
     assert parse_method("ogm-ge+opm") == ("ogm-ge", "opm")
+    assert parse_method("dr+agm") == ("agm", "dr")
     for bad, match in (("ogm+ogm-ge", "one of"), ("joint+opm", "cannot be combined"),
+                       ("agm+ogm-ge", "both rescale"), ("agm+ogm", "both rescale"),
+                       ("agm+opm", "cannot be combined"),
                        ("ogm_ge", "unknown parts"), ("", "method must be")):
         with pytest.raises(ValueError, match=match):
             parse_method(bad)
@@ -49,6 +52,8 @@ def test_each_method_trains_two_epochs(tmp_path, method):
         assert {"coeff_audio", "coeff_visual"} <= set(history[0])
     if "opm" in method:
         assert {"drop_prob_audio", "drop_prob_visual"} <= set(history[0])
+    if "agm" in method:
+        assert {"coeff_audio", "coeff_visual", "agm_score_audio"} <= set(history[0])
 
 
 @pytest.mark.parametrize("fusion", ["sum", "film", "gated"])
@@ -71,7 +76,22 @@ def test_modulation_changes_training(tmp_path):
     torch.testing.assert_close(joint.model.head.fc.weight.shape, ogm.model.head.fc.weight.shape)
 
 
-@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "mmpareto+opm"])
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_agm_modulates_and_checkpoints_its_running_scores(tmp_path, amp):
+    splits = make_synthetic(0, TINY)
+    joint = Trainer(_cfg(tmp_path / "j", method="joint", epochs=1, amp=amp), splits)
+    joint.fit()
+    agm = Trainer(_cfg(tmp_path / "a", method="agm", epochs=1, amp=amp, agm_alpha=2.0), splits)
+    agm.fit()
+    state = agm.methods.state_dict()["agm"]
+    assert state["steps"] == 192 // 32 and state["running_scores"].abs().min() > 0
+    saved = torch.load(tmp_path / "a" / "run" / "checkpoint_last.pt", weights_only=False)
+    assert torch.equal(saved["methods"]["agm"]["running_scores"], state["running_scores"])
+    assert not torch.equal(joint.model.encoders["visual"].net[0].weight,
+                           agm.model.encoders["visual"].net[0].weight)
+
+
+@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "agm", "mmpareto+opm"])
 def test_resume_is_bit_identical(tmp_path, method):
     splits = make_synthetic(0, TINY)
     kw = dict(method=method, epochs=3, dr_every=1, dr_times=2, scheduler="step", step_size=1,
@@ -162,7 +182,7 @@ def test_demo_quick_shows_the_imbalance(tmp_path):
     assert "joint" in format_table(results)
 
 
-@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge"])
+@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm"])
 def test_compile_trains_as_eager_does(tmp_path, method):
     """--compile (here without code generation) gives the eager run's losses and weights."""
     runs = []
@@ -210,8 +230,8 @@ def test_mmpareto_trains_its_unimodal_heads_and_logs_the_conflicts(tmp_path, met
     assert any(k.startswith("unimodal_heads.") for k in state["model"])
 
 
-def test_mmpareto_refuses_ogm_and_plain_runs_build_no_unimodal_heads(tmp_path):
-    for method in ("mmpareto+ogm", "ogm-ge+mmpareto"):
+def test_mmpareto_refuses_ogm_and_agm_and_plain_runs_build_no_unimodal_heads(tmp_path):
+    for method in ("mmpareto+ogm", "ogm-ge+mmpareto", "agm+mmpareto"):
         with pytest.raises(ValueError, match="both rewrite the encoders' gradients"):
             parse_method(method)
     trainer = Trainer(_cfg(tmp_path, method="ogm-ge", epochs=1), make_synthetic(0, TINY))

@@ -7,6 +7,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from .._checks import finite_number
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -15,11 +17,12 @@ AMP_MODES = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 ON_NONFINITE = ("stop", "skip")  # what a non-finite training loss does
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of --amp
 # The float settings: each must be a finite number in [low, high] (None: unbounded).
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
                  ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None),
-                 ("mmpareto_gamma", 0.0, None))
+                 ("agm_alpha", 0.0, None), ("mmpareto_gamma", 0.0, None))
 
 
 @dataclass
@@ -63,6 +66,10 @@ class TrainConfig:
     dr_times: int = 3
     dr_lambda: float = 3.0
     dr_clusters: int | None = None  # None: the number of classes
+    # AGM (docs/methods.md#agm)
+    agm_alpha: float = 1.0
+    agm_start: int = 0
+    agm_end: int | None = None
     # MMPareto (docs/methods.md#mmpareto)
     mmpareto_gamma: float = 1.5
     mmpareto_start: int = 0
@@ -98,8 +105,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "warmup_epochs",
-                     "mmpareto_start"):
+        for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "agm_start",
+                     "warmup_epochs", "mmpareto_start"):
             value = getattr(self, name)
             if name == "workers" and value is None:
                 continue
@@ -116,7 +123,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("ogm_end", "opm_end", "mmpareto_end"):
+        for name in ("ogm_end", "opm_end", "agm_end", "mmpareto_end"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):

@@ -45,7 +45,7 @@ from ..data.batch import SeededSampler, default_workers, prepare_batch
 from ..data.encoded import collate
 from ..models import build_model
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_dict
+from .config import AMP_DTYPES, TrainConfig, config_dict
 from .logger import RunLogger, plot_history
 from .methods import MethodStack, compiled, needs_unimodal_heads
 from .metrics import classification_metrics
@@ -61,7 +61,6 @@ LOCK = ".fastbml.lock"            # held (flock) by the run that owns the direct
 RESUME_MAY_CHANGE = ("epochs", "out", "data_root", "workers", "threads", "device",
                      "dist_backend", "progress", "tensorboard", "plots", "compile",
                      "compile_mode", "compile_backend")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -308,7 +307,7 @@ class Trainer:
         self.methods = MethodStack(cfg, self.model, info.num_classes, self.device)
         self.optimizer = _build_optimizer(cfg, self.model.parameters())
         self.scheduler = _build_scheduler(cfg, self.optimizer)
-        self.amp_dtype = _AMP_DTYPES.get(cfg.amp)
+        self.amp_dtype = AMP_DTYPES.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.run_dir = Path(cfg.out)
         self._lock = None
@@ -519,7 +518,7 @@ class Trainer:
         self.methods.backward(total, head_logits, labels, epoch, self.scaler)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        self.methods.after_backward(unimodal, labels, epoch)
+        self.methods.after_backward(unimodal, labels, epoch, inputs=inputs, logits=logits)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

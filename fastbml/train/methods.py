@@ -1,10 +1,11 @@
-"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | mmpareto |
-a+b`).
+"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | agm |
+mmpareto | a+b`).
 
 `MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
 and the fusion head, MMPareto as the backward pass itself (over the model's uni-modal heads),
-OGM / OGM-GE after backward (after unscaling with AMP), D&R after each epoch's evaluation. It
-also gathers what each method did for the logs, on device, and syncs once per epoch.
+OGM / OGM-GE and AGM after backward (after unscaling with AMP), D&R after each epoch's
+evaluation. It also gathers what each method did for the logs, on device, and syncs once per
+epoch.
 """
 
 from __future__ import annotations
@@ -17,11 +18,24 @@ from torch.nn import functional as F
 import fastbml
 
 from ..models import MultimodalClassifier
-from .config import TrainConfig
+from .config import AMP_DTYPES, TrainConfig
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "mmpareto")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "agm", "mmpareto")
 # Methods whose model carries trained uni-modal heads (MultimodalClassifier(unimodal_heads=True)).
 UNIMODAL_HEAD_METHODS = ("mmpareto",)
+_REWRITES = ("MMPareto's combination of the uni-modal and multimodal gradients would be "
+             "rescaled by coefficients scored for the fused loss alone; combine mmpareto with "
+             "opm or dr")
+# Parts that cannot share a run, and why.
+EXCLUSIVE = (
+    ({"ogm", "ogm-ge"}, "choose one of 'ogm' and 'ogm-ge'"),
+    ({"agm", "ogm"}, "'agm' and 'ogm' both rescale the encoders' gradients; choose one"),
+    ({"agm", "ogm-ge"}, "'agm' and 'ogm-ge' both rescale the encoders' gradients; choose one"),
+    ({"agm", "opm"}, "'agm' decomposes the fused output that 'opm' perturbs; they cannot be "
+                     "combined"),
+    *(({"mmpareto", other}, f"'mmpareto' and '{other}' both rewrite the encoders' gradients "
+                            f"after backward ({_REWRITES})") for other in ("ogm", "ogm-ge", "agm")),
+)
 
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
@@ -44,12 +58,9 @@ def parse_method(method: str) -> tuple[str, ...]:
         raise ValueError(f"method has unknown parts {bad}; choose from {METHODS}, joined by '+'")
     if "joint" in parts and len(parts) > 1:
         raise ValueError("method 'joint' (plain training) cannot be combined with others")
-    if {"ogm", "ogm-ge"} <= set(parts):
-        raise ValueError("method: choose one of 'ogm' and 'ogm-ge'")
-    if "mmpareto" in parts and {"ogm", "ogm-ge"} & set(parts):
-        raise ValueError("method: 'mmpareto' and OGM both rewrite the encoders' gradients after "
-                         "backward (MMPareto's combination would be rescaled by coefficients "
-                         "scored for the fused loss alone); combine mmpareto with opm or dr")
+    for together, why in EXCLUSIVE:
+        if together <= set(parts):
+            raise ValueError(f"method: {why}")
     return parts
 
 
@@ -68,7 +79,7 @@ class MethodStack:
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
         seed = cfg.seed
-        self.ogm = self.opm = self.dr = self.mmpareto = None
+        self.ogm = self.opm = self.dr = self.agm = self.mmpareto = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
             self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
                                    form=cfg.ogm_form, noise="ogm-ge" in self.parts,
@@ -93,6 +104,12 @@ class MethodStack:
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
                 times=cfg.dr_times, lam=cfg.dr_lambda,
                 n_clusters=cfg.dr_clusters or num_classes, seed=seed, backend=cfg.backend)
+        if "agm" in self.parts:
+            self.agm = fastbml.AGM({m: model.encoders[m] for m in modalities}, model.head,
+                                   alpha=cfg.agm_alpha, start=cfg.agm_start, end=cfg.agm_end,
+                                   backend=cfg.backend)
+            self._agm_update = compiled(cfg, self.agm.update)
+        self._autocast = (device.type, AMP_DTYPES.get(cfg.amp))
         self.modalities = modalities
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
@@ -124,11 +141,21 @@ class MethodStack:
             self._add("conflict", (self.mmpareto.last_cos <= 0).float())
 
     def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
-                       epoch: int) -> None:
-        """Modulate the encoders' gradients (OGM / OGM-GE) and accumulate the step's logs."""
+                       epoch: int, *, inputs: Mapping[str, torch.Tensor],
+                       logits: torch.Tensor) -> None:
+        """Modulate the encoders' gradients (OGM / OGM-GE from the uni-modal logits, AGM from
+        the batch's inputs and fused logits) and accumulate the step's logs."""
         if self.ogm is not None:
             self._ogm_step(unimodal, labels, epoch)
             self._add("coeff", self.ogm.last_coeffs)
+        if self.agm is not None and self.agm.active(epoch):
+            device_type, amp_dtype = self._autocast
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):  # the eval passes, as in forward
+                subsets = self.agm.subset_logits(inputs, logits)
+            self._agm_update(subsets, labels)
+            self._add("coeff", self.agm.last_coeffs)
+            self._add("agm_score", self.agm.last_scores)
         if self.opm is not None and self.opm.last_q is not None:
             self._add("drop_prob", self.opm.last_q)
         self._steps += 1
@@ -138,9 +165,9 @@ class MethodStack:
         self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
 
     def epoch_logs(self) -> dict[str, float]:
-        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, and MMPareto's
-        cos_<m> and conflict_<m>, the fraction of steps whose gradients conflicted); resets the
-        sums."""
+        """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, agm_score_<m>,
+        and MMPareto's cos_<m> and conflict_<m>, the fraction of steps whose gradients
+        conflicted); resets the sums."""
         out = {}
         for key, total in self._sums.items():
             for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
@@ -155,13 +182,13 @@ class MethodStack:
             return {}
         return dict(self.dr.step(epoch, train_features, val_features) or {})
 
-    def state_dict(self) -> dict:
-        return {name: helper.state_dict() for name, helper in self._helpers()
-                if helper is not None}
-
     def _helpers(self) -> tuple:
-        return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr),
+        return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr), ("agm", self.agm),
                 ("mmpareto", self.mmpareto))
+
+    def state_dict(self) -> dict:
+        return {name: helper.state_dict() for name, helper in
+                self._helpers() if helper is not None}
 
     def load_state_dict(self, state: Mapping) -> None:
         for name, helper in self._helpers():
