@@ -182,7 +182,7 @@ def test_demo_quick_shows_the_imbalance(tmp_path):
     assert "joint" in format_table(results)
 
 
-@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm"])
+@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm", "mmpareto"])
 def test_compile_trains_as_eager_does(tmp_path, method):
     """--compile (here without code generation) gives the eager run's losses and weights."""
     runs = []
