@@ -292,7 +292,9 @@ def main(rounds: int = 21) -> None:
              "pass to the gradients the optimizer receives (optimizer.step excluded); median of "
              f"{rounds} steps per row, all rows interleaved step by step. The authors' loop "
              "takes 4 backward passes (3 through each encoder), fastbml 2; the last row of each "
-             "table is plain multitask training, one backward pass, for scale.", ""]
+             "step table is plain multitask training, one backward pass, for scale. The last "
+             "table times the combination alone, once the per-loss gradients are captured "
+             "(`fastbml[torch]` is the float64 reference path).", ""]
     for shape in dict.fromkeys(c.shape for c in all_cases):
         times = {impl: median(s) for (sh, impl), s in samples.items() if sh == shape}
         lines += [f"## {shape}", "", "| implementation | median ms | × vs original |",
