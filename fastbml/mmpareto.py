@@ -72,10 +72,9 @@ def _combine_(totals: list[torch.Tensor], parts: list[torch.Tensor], counts: lis
     return _gram_cosine(gram).float(), weights.float()
 
 
-def _check_pairs(totals: list[list[torch.Tensor]], parts: object) -> list[list[torch.Tensor]]:
-    if isinstance(parts, torch.Tensor) or not isinstance(parts, Iterable):
-        raise TypeError("unimodal_grads must be one list of tensors per modality")
-    parts = [list(group) for group in parts]
+def _check_pairs(totals: list[list[torch.Tensor]],
+                 parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """`parts` if it pairs every gradient with a plain dense tensor of its shape and dtype."""
     if len(parts) != len(totals):
         raise ValueError(f"unimodal_grads has {len(parts)} groups for {len(totals)} modalities")
     for m, (tg, pg) in enumerate(zip(totals, parts)):
@@ -110,9 +109,8 @@ def mmpareto_combine_(grads, unimodal_grads, *, gamma: float = 1.5,
     new = 2 (w_mm g_mm + w_uni g_uni) (a tensor whose new is 0 becomes 0). Returns the cosine of
     (g_mm, g_uni) per modality [M] and the weights [M, 2], float32 device tensors. No host sync.
     """
-    groups = _grouped(grads, modality_index)
-    parts = _grouped(unimodal_grads, modality_index)
-    parts = _check_pairs(groups, parts)
+    groups = _grouped(grads, modality_index, "grads")
+    parts = _check_pairs(groups, _grouped(unimodal_grads, modality_index, "unimodal_grads"))
     gamma = finite_number(gamma, "gamma", low=0.0)
     totals, flat_parts = _flatten(groups)[0], _flatten(parts)[0]
     if not totals:

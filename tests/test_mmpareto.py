@@ -270,6 +270,9 @@ def test_non_finite_gradients_stay_non_finite(backend):
         (lambda: ([[randn(3).long()], [randn(2)]], [[randn(3)], [randn(2)]]), TypeError,
          r"grads\[0\]\[0\] must be float32"),
         (lambda: ([[randn(3)], ["x"]], [[randn(3)], [randn(2)]]), TypeError, r"grads\[1\]\[0\]"),
+        (lambda: ([[randn(3)], [randn(2)]], randn(3)), TypeError, "unimodal_grads must be a list"),
+        (lambda: ([[randn(3)], [randn(2)]], [randn(3), [randn(2)]]), TypeError,
+         r"unimodal_grads\[0\] must be a list"),
     ],
 )
 def test_combine_rejects_bad_input(make, error, match):
