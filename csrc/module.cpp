@@ -6,6 +6,7 @@
 #include "axpby.h"
 #include "combined_nll.h"
 #include "lerp.h"
+#include "prototype_cross_entropy.h"
 #include "row_drop.h"
 #include "scale_noise.h"
 #include "split_gram.h"
@@ -34,6 +35,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("multi_tensor_lerp", &fastbml::multi_tensor_lerp, py::call_guard<py::gil_scoped_release>(),
         py::arg("ptrs"), py::arg("target_ptrs"), py::arg("dtypes"), py::arg("numels"),
         py::arg("weight_index"), py::arg("weights_ptr"));
+  m.def("prototype_cross_entropy_forward", &fastbml::prototype_cross_entropy_forward,
+        py::call_guard<py::gil_scoped_release>(), py::arg("features_ptr"), py::arg("dtype"),
+        py::arg("batch"), py::arg("dim"), py::arg("row_stride"), py::arg("prototypes_ptr"),
+        py::arg("n_classes"), py::arg("mask_ptr"), py::arg("labels_ptr"), py::arg("loss_ptr"),
+        py::arg("lse_ptr"));
+  m.def("prototype_cross_entropy_backward", &fastbml::prototype_cross_entropy_backward,
+        py::call_guard<py::gil_scoped_release>(), py::arg("grad_ptr"), py::arg("features_ptr"),
+        py::arg("dtype"), py::arg("batch"), py::arg("dim"), py::arg("row_stride"),
+        py::arg("prototypes_ptr"), py::arg("n_classes"), py::arg("mask_ptr"),
+        py::arg("labels_ptr"), py::arg("lse_ptr"), py::arg("out_ptr"));
   m.def("multi_tensor_split_gram", &fastbml::multi_tensor_split_gram,
         py::call_guard<py::gil_scoped_release>(), py::arg("sum_ptrs"), py::arg("part_ptrs"),
         py::arg("dtypes"), py::arg("numels"), py::arg("out_ptr"));

@@ -1,11 +1,12 @@
 """fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning,
-AGM, MMPareto)."""
+AGM, PMR, MMPareto)."""
 
 from .agm import AGM, agm_coefficients, agm_score_sums, shapley_weights, subset_masks
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
 from .mmpareto import MMPareto, mmpareto_combine_, mmpareto_weights
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
+from .pmr import PMR, pmr_loss_weights
 from .purity import cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 from .scores import modality_scores
@@ -17,6 +18,7 @@ __all__ = [
     "AGM",
     "OGM",
     "OPM",
+    "PMR",
     "DiagnoseRelearn",
     "FeatureLoader",
     "MMPareto",
@@ -31,6 +33,7 @@ __all__ = [
     "ogm_modulate_",
     "opm_drop",
     "opm_drop_probs",
+    "pmr_loss_weights",
     "relearn_strength",
     "shapley_weights",
     "soft_reinit_",

@@ -19,8 +19,8 @@ from .train.config import AMP_MODES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfi
 _HELP = {
     "dataset": f"dataset name: {', '.join(dataset_names())}",
     "data_root": "directory holding the dataset (its layout: README.md, Datasets)",
-    "method": "joint, ogm, ogm-ge, opm, dr, agm, mmpareto, or a combination joined by '+' "
-              "(e.g. opm+ogm-ge)",
+    "method": "joint, ogm, ogm-ge, opm, dr, agm, pmr, mmpareto, or a combination joined by '+' "
+              "(e.g. opm+ogm-ge, pmr+ogm-ge, mmpareto+opm)",
     "fusion": f"fusion head: {', '.join(FUSIONS)}",
     "init": "reference init: ogm (OGM-GE / T-PAMI global re-init) or dr (D&R: ResNet's own)",
     "modalities": "train on these modalities only (a uni-modal baseline with one)",
@@ -35,6 +35,10 @@ _HELP = {
     "agm_alpha": "AGM alpha", "agm_start": "first epoch AGM modulates (0-based)",
     "agm_end": "last epoch AGM modulates",
     "dr_lambda": "D&R lambda", "dr_clusters": "D&R k-means clusters (default: classes)",
+    "pmr_alpha": "PMR: weight of the prototypical cross-entropy",
+    "pmr_momentum": "PMR: weight of the previous prototypes in their EMA",
+    "pmr_start": "first epoch PMR adds its loss (0-based)",
+    "pmr_end": "last epoch PMR adds its loss",
     "mmpareto_gamma": "MMPareto step enlargement gamma",
     "mmpareto_start": "first epoch MMPareto combines gradients (0-based)",
     "mmpareto_end": "last epoch MMPareto combines gradients",
@@ -56,6 +60,7 @@ _HELP = {
                     "does)",
 }
 _NONE_DEFAULT_TYPES = {"data_root": str, "ogm_end": int, "opm_end": int, "agm_end": int,
+                       "pmr_end": int,
                        "dr_clusters": int,
                        "threads": int, "workers": int}
 

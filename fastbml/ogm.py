@@ -18,7 +18,7 @@ from . import distributed, rng
 from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
 from ._method import MethodScaffold
 from .ops.scale_noise import multi_tensor_scale_noise_
-from .scores import modality_scores
+from .scores import modality_scores, strongest_other
 
 COEFF_FORMS = ("paper", "shifted")
 NOISE_EPS = 1e-8  # added to each tensor's gradient std, as the reference code does
@@ -43,12 +43,7 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") ->
     if form not in COEFF_FORMS:
         raise ValueError(f"form must be one of {COEFF_FORMS}, got {form!r}")
     s = scores.detach().to(torch.float32)
-    if s.numel() == 2:  # the other modality (the common case, in the fewest device ops)
-        others = s.flip(0)
-    else:
-        others = s.expand(s.numel(), -1).masked_fill(
-            torch.eye(s.numel(), dtype=torch.bool, device=s.device), float("-inf")).amax(dim=1)
-    rho = s / others
+    rho = s / strongest_other(s)
     excess = rho if form == "paper" else rho - 1.0
     return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * excess), 1.0)
 

@@ -62,3 +62,13 @@ def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch
     parts = _logit_parts(logits)
     labels = _check_labels(labels, parts[0].shape[0], parts[0].device)
     return true_class_prob(parts, labels, backend=backend)
+
+
+def strongest_other(scores: torch.Tensor) -> torch.Tensor:
+    """max_{j != m} s_j for each m of a score vector s [M] (M >= 2): the denominator of the
+    ratios rho_m = s_m / max_{j != m} s_j of OGM and PMR. Pure device math."""
+    n = scores.numel()
+    if n == 2:  # the other modality (the common case, in the fewest device ops)
+        return scores.flip(0)
+    return scores.expand(n, n).masked_fill(
+        torch.eye(n, dtype=torch.bool, device=scores.device), float("-inf")).amax(dim=1)

@@ -266,6 +266,14 @@ def _opcheck_cases(device):
     yield "row_drop", ops.row_drop.default, (
         [r(9, 4).requires_grad_(), r(9, 2, 3).requires_grad_()],
         torch.tensor([0.5, 0.1], device=device), 0.0, seed, torch.tensor(6, device=device), 1, 2)
+    features, prototypes = r(9, 6).requires_grad_(), r(5, 6)
+    mask = torch.tensor([True, True, False, True, True], device=device)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 3, 4], device=device)
+    yield "prototype_cross_entropy", ops.prototype_cross_entropy.default, (
+        features, prototypes, mask, labels)
+    yield "prototype_cross_entropy_backward", ops.prototype_cross_entropy_backward.default, (
+        r(9), features.detach()[:, ::2].to(torch.bfloat16), prototypes[:, ::2].contiguous(), mask,
+        labels, ops.prototype_cross_entropy(features.detach(), prototypes, mask, labels)[1])
 
 
 def _opcheck(device):

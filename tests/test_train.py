@@ -91,7 +91,7 @@ def test_agm_modulates_and_checkpoints_its_running_scores(tmp_path, amp):
                            agm.model.encoders["visual"].net[0].weight)
 
 
-@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "agm", "mmpareto+opm"])
+@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "agm", "pmr", "mmpareto+opm"])
 def test_resume_is_bit_identical(tmp_path, method):
     splits = make_synthetic(0, TINY)
     kw = dict(method=method, epochs=3, dr_every=1, dr_times=2, scheduler="step", step_size=1,
@@ -109,6 +109,24 @@ def test_resume_is_bit_identical(tmp_path, method):
     assert full_summary["test"] == resumed_summary["test"]
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(full.logger.history) == strip(resumed.logger.history)
+
+
+def test_pmr_adds_its_loss_logs_it_and_keeps_prototypes_as_state(tmp_path):
+    """--method pmr+ogm-ge: the prototype loss acts on some steps (pmr_weight_<m>, the fraction
+    of steps it acted on m), the prototypes of every class are in the checkpoint."""
+    trainer = Trainer(_cfg(tmp_path, method="pmr+ogm-ge", epochs=2), make_synthetic(0, TINY))
+    trainer.fit()
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for record in history:
+        weights = [record["pmr_weight_audio"], record["pmr_weight_visual"]]
+        assert all(0.0 <= w <= 1.0 for w in weights) and 0.0 < sum(weights) <= 1.0
+        assert {"coeff_audio", "coeff_visual"} <= set(record)
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["methods"]
+    assert set(state) == {"ogm", "pmr"} and bool(state["pmr"]["valid"].all())
+    for m, p in state["pmr"]["prototypes"].items():
+        assert p.shape == (trainer.splits.info.num_classes, 32) and bool(p.isfinite().all()), m
+    with pytest.raises(ValueError, match="'pmr' cannot be combined with 'dr'"):
+        parse_method("dr+pmr")
 
 
 def test_resume_errors(tmp_path):
@@ -182,7 +200,7 @@ def test_demo_quick_shows_the_imbalance(tmp_path):
     assert "joint" in format_table(results)
 
 
-@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm", "mmpareto"])
+@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm", "pmr+ogm-ge", "mmpareto"])
 def test_compile_trains_as_eager_does(tmp_path, method):
     """--compile (here without code generation) gives the eager run's losses and weights."""
     runs = []
@@ -230,10 +248,12 @@ def test_mmpareto_trains_its_unimodal_heads_and_logs_the_conflicts(tmp_path, met
     assert any(k.startswith("unimodal_heads.") for k in state["model"])
 
 
-def test_mmpareto_refuses_ogm_and_agm_and_plain_runs_build_no_unimodal_heads(tmp_path):
+def test_mmpareto_refuses_ogm_agm_pmr_and_plain_runs_build_no_unimodal_heads(tmp_path):
     for method in ("mmpareto+ogm", "ogm-ge+mmpareto", "agm+mmpareto"):
         with pytest.raises(ValueError, match="both rewrite the encoders' gradients"):
             parse_method(method)
+    with pytest.raises(ValueError, match="'mmpareto' and 'pmr' cannot be combined"):
+        parse_method("pmr+mmpareto")
     trainer = Trainer(_cfg(tmp_path, method="ogm-ge", epochs=1), make_synthetic(0, TINY))
     assert trainer.model.unimodal_heads is None
     trainer.close()

@@ -177,6 +177,30 @@ def test_dr_two_ranks_identical_replicas(tmp_path):
     assert _timeless(h0) == _timeless(h1)
 
 
+def pmr_job(rank, world, base):
+    trainer = Recording(_cfg(_out(base, "pmr", rank), method="pmr"), make_synthetic(0, TINY))
+    trainer.fit()
+    return trainer.trained, trainer.logger.history, trainer.methods.pmr.state_dict()
+
+
+def test_pmr_two_ranks_identical_replicas_equal_one_process_with_the_global_batch(tmp_path):
+    """The prototype subset is the global one (sums all-reduced), the scores are the global
+    batch's: 2 ranks x 32 is 1 process x 64 up to float rounding."""
+    (p0, h0, s0), (p1, h1, s1) = values(run_ranks(pmr_job, str(tmp_path)))
+    for name, tensor in p0.items():
+        assert torch.equal(tensor, p1[name]), name
+    assert _timeless(h0) == _timeless(h1)
+    for m, proto in s0["prototypes"].items():
+        assert torch.equal(proto, s1["prototypes"][m])
+    single = Recording(_cfg(tmp_path / "one", method="pmr", batch_size=2 * BATCH),
+                       make_synthetic(0, TINY))
+    single.fit()
+    for m, proto in single.methods.pmr.state_dict()["prototypes"].items():
+        torch.testing.assert_close(s0["prototypes"][m], proto, rtol=1e-4, atol=1e-5)
+    for name, tensor in single.trained.items():
+        torch.testing.assert_close(p0[name], tensor, rtol=1e-4, atol=1e-5)
+
+
 def test_shard_sampler_splits_the_single_process_order():
     n, world, batch = 10, 3, 2
     shards = [list(_ShardSampler(range(n), num_replicas=world, rank=r, seed=5)) for r in

@@ -1,11 +1,11 @@
 """The training loop behind `fastbml train`: one run of one method on one dataset.
 
-Per epoch: train (OPM in the forward, MMPareto as the backward pass, OGM after it), evaluate
-on val, D&R after the evaluation (as the D&R code does), log, checkpoint. The best-val epoch's
-model is evaluated on test once at the end: model selection never looks at test. Every epoch's
-shuffle is seeded by (seed, epoch) and the checkpoint carries model, optimiser, scheduler, AMP
-scaler, method state and the global RNG, so a resumed run continues exactly as an
-uninterrupted one (bit-identical on CPU).
+Per epoch: train (OPM in the forward, PMR's loss added to it, MMPareto as the backward pass,
+OGM after it), PMR's prototypes, evaluate on val, D&R after the evaluation (as the D&R code
+does), log, checkpoint. The best-val epoch's model is evaluated on test once at the end: model
+selection never looks at test. Every epoch's shuffle is seeded by (seed, epoch) and the
+checkpoint carries model, optimiser, scheduler, AMP scaler, method state and the global RNG,
+so a resumed run continues exactly as an uninterrupted one (bit-identical on CPU).
 
 Under DDP (`torchrun ... -m fastbml train`, or any initialised process group of 2+ ranks) the
 model runs inside DistributedDataParallel, every rank trains on its shard of each epoch's
@@ -184,11 +184,15 @@ class _TrainForward(nn.Module):
         self.methods = methods  # not a Module: OPM's state stays out of DDP's view
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, epoch: int):
+        """(fused logits, uni-modal logits, per-sample loss weights or None, the methods' extra
+        loss or None)."""
         model = self.model
         features = model.encode(inputs)
         unimodal = model.head.unimodal_logits(features)
         fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
-        return model.head(fused_in), unimodal, weights, model.unimodal_head_logits(features)
+        extra = self.methods.extra_loss(features, labels, epoch)
+        return (model.head(fused_in), unimodal, weights, extra,
+                model.unimodal_head_logits(features))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -431,13 +435,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.methods.train(True)
-        self.loader_gen.manual_seed(rng.step_seed(cfg.seed, epoch))
-        if self.train_sampler is not None:
-            self.train_sampler.set_epoch(epoch)
-            # a different stream on every rank (file datasets' augmentation: SeededSampler)
-            self.loader_gen.manual_seed(rng.step_seed(rng.step_seed(cfg.seed, epoch), self.rank))
-        if self.augment_seeds is not None:
-            self.augment_seeds.seed = rng.step_seed(rng.step_seed(cfg.seed, epoch), 1)
+        self._seed_train_order(epoch)
         loss_sum = torch.zeros((), device=self.device)
         self._loss_check.zero_()
         skipped_before = self.skipped_steps
@@ -477,6 +475,32 @@ class Trainer:
             logs["skipped_steps"] = self.skipped_steps - skipped_before
         return logs
 
+    def _seed_train_order(self, epoch: int) -> None:
+        """The training loader's shuffle (and file datasets' augmentation) of `epoch`, from
+        (seed, epoch) alone."""
+        seed = self.cfg.seed
+        self.loader_gen.manual_seed(rng.step_seed(seed, epoch))
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
+            # a different stream on every rank (file datasets' augmentation: SeededSampler)
+            self.loader_gen.manual_seed(rng.step_seed(rng.step_seed(seed, epoch), self.rank))
+        if self.augment_seeds is not None:
+            self.augment_seeds.seed = rng.step_seed(rng.step_seed(seed, epoch), 1)
+
+    @torch.no_grad()
+    def _prototype_batches(self, epoch: int):
+        """PMR's prototype subset (docs/methods.md#pmr): the first max(1, N_b // 10) training
+        batches in the order of `epoch`, with the training transforms, through the encoders in
+        eval mode, as (features, labels); this rank's shard under DDP."""
+        self._seed_train_order(epoch)
+        self.model.eval()
+        count = max(1, len(self.train_loader) // 10)
+        for _, (inputs, labels) in zip(range(count), self.train_loader):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                features = self.model.encode(self._inputs(inputs))
+            yield features, labels.to(self.device)
+
     def _stop_if_diverged(self, epoch: int) -> None:
         """Mid-epoch divergence check: one host read (and under DDP one all_reduce of a scalar,
         so that every rank stops together) per NONFINITE_CHECK_STEPS steps."""
@@ -500,11 +524,11 @@ class Trainer:
         model = self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, unimodal, weights, head_logits = self._forward(inputs, labels, epoch)
+            logits, unimodal, weights, extra, head_logits = self._forward(inputs, labels, epoch)
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum()
         aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
-        total = loss if aux is None else loss + aux
+        total = sum((t for t in (aux, extra) if t is not None), loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.on_nonfinite == "skip":
             bad = (~torch.isfinite(total.detach())).to(torch.int32)
@@ -598,9 +622,12 @@ class Trainer:
     def _fit(self, until_epoch: int | None) -> dict:
         cfg = self.cfg
         stop = cfg.epochs if until_epoch is None else min(until_epoch, cfg.epochs)
+        if self.start_epoch == 0 and stop > 0:  # PMR's first prototypes, before training
+            self.methods.refresh_prototypes(0, lambda: self._prototype_batches(0))
         for epoch in range(self.start_epoch, stop):
             started = time.perf_counter()
             record = {"epoch": epoch, **self._train_epoch(epoch)}
+            self.methods.refresh_prototypes(epoch, lambda e=epoch: self._prototype_batches(e + 1))
             record.update({f"val_{k}": v for k, v in self.evaluate(self.splits.val).items()})
             record.update(self.methods.after_epoch(epoch, self._feature_fn(self.splits.train),
                                                    self._feature_fn(self.splits.val)))

@@ -1,16 +1,17 @@
-"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | agm |
+"""The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | agm | pmr |
 mmpareto | a+b`).
 
 `MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
-and the fusion head, MMPareto as the backward pass itself (over the model's uni-modal heads),
-OGM / OGM-GE and AGM after backward (after unscaling with AMP), D&R after each epoch's
-evaluation. It also gathers what each method did for the logs, on device, and syncs once per
-epoch.
+and the fusion head, PMR's prototypical loss added to the training loss (its prototypes rebuilt
+before training and after each epoch), MMPareto as the backward pass itself (over the model's
+uni-modal heads), OGM / OGM-GE and AGM after backward (after unscaling with AMP), D&R after
+each epoch's evaluation. It also gathers what each method did for the logs, on device, and
+syncs once per epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch.nn import functional as F
@@ -20,7 +21,7 @@ import fastbml
 from ..models import MultimodalClassifier
 from .config import AMP_DTYPES, TrainConfig
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "agm", "mmpareto")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "agm", "pmr", "mmpareto")
 # Methods whose model carries trained uni-modal heads (MultimodalClassifier(unimodal_heads=True)).
 UNIMODAL_HEAD_METHODS = ("mmpareto",)
 _REWRITES = ("MMPareto's combination of the uni-modal and multimodal gradients would be "
@@ -33,11 +34,19 @@ EXCLUSIVE = (
     ({"agm", "ogm-ge"}, "'agm' and 'ogm-ge' both rescale the encoders' gradients; choose one"),
     ({"agm", "opm"}, "'agm' decomposes the fused output that 'opm' perturbs; they cannot be "
                      "combined"),
+    ({"pmr", "dr"}, "'pmr' cannot be combined with 'dr': D&R re-initialises the encoders whose "
+                    "feature space PMR's prototypes describe, and their EMA would blend "
+                    "prototypes of two different encoders"),
     *(({"mmpareto", other}, f"'mmpareto' and '{other}' both rewrite the encoders' gradients "
                             f"after backward ({_REWRITES})") for other in ("ogm", "ogm-ge", "agm")),
+    ({"mmpareto", "pmr"}, "'mmpareto' and 'pmr' cannot be combined: PMR's prototype loss on the "
+                          "encoders' features would be counted as part of MMPareto's multimodal "
+                          "objective, a combination neither method defines"),
 )
 
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
+# PMR's prototype subset: eval-mode (features, labels) batches, produced on demand
+BatchesFn = Callable[[], Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]]
 
 
 def compiled(cfg: TrainConfig, fn: Callable, *, fullgraph: bool = True) -> Callable:
@@ -79,7 +88,7 @@ class MethodStack:
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
         seed = cfg.seed
-        self.ogm = self.opm = self.dr = self.agm = self.mmpareto = None
+        self.ogm = self.opm = self.dr = self.agm = self.pmr = self.mmpareto = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
             self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
                                    form=cfg.ogm_form, noise="ogm-ge" in self.parts,
@@ -110,6 +119,10 @@ class MethodStack:
                                    backend=cfg.backend)
             self._agm_update = compiled(cfg, self.agm.update)
         self._autocast = (device.type, AMP_DTYPES.get(cfg.amp))
+        if "pmr" in self.parts:
+            self.pmr = fastbml.PMR(modalities, num_classes, alpha=cfg.pmr_alpha,
+                                   momentum=cfg.pmr_momentum, start=cfg.pmr_start,
+                                   end=cfg.pmr_end, backend=cfg.backend)
         self.modalities = modalities
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
@@ -124,6 +137,21 @@ class MethodStack:
         if self.opm is None:
             return features, None
         return self.opm(features, unimodal, labels, epoch)
+
+    def extra_loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                   epoch: int) -> torch.Tensor | None:
+        """What the methods add to the training loss, from the encoders' pooled features (PMR's
+        prototypical loss); None when no method adds one."""
+        if self.pmr is None:
+            return None
+        return self.pmr.loss(features, labels, epoch)
+
+    def refresh_prototypes(self, epoch: int, batches: BatchesFn) -> None:
+        """PMR's prototypes from `batches()` (the prototype subset's eval-mode features), before
+        training (epoch 0) and after each epoch (the epoch just trained); nothing otherwise."""
+        if self.pmr is None:
+            return
+        self.pmr.update_prototypes(epoch, batches())
 
     def backward(self, loss: torch.Tensor, head_logits: Mapping[str, torch.Tensor] | None,
                  labels: torch.Tensor, epoch: int,
@@ -158,6 +186,8 @@ class MethodStack:
             self._add("agm_score", self.agm.last_scores)
         if self.opm is not None and self.opm.last_q is not None:
             self._add("drop_prob", self.opm.last_q)
+        if self.pmr is not None and self.pmr.last_weights is not None:
+            self._add("pmr_weight", self.pmr.last_weights)
         self._steps += 1
 
     def _add(self, key: str, value: torch.Tensor) -> None:
@@ -166,8 +196,8 @@ class MethodStack:
 
     def epoch_logs(self) -> dict[str, float]:
         """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, agm_score_<m>,
-        and MMPareto's cos_<m> and conflict_<m>, the fraction of steps whose gradients
-        conflicted); resets the sums."""
+        pmr_weight_<m>: the fraction of steps PMR's loss acted on m, and MMPareto's cos_<m> and
+        conflict_<m>, the fraction of steps whose gradients conflicted); resets the sums."""
         out = {}
         for key, total in self._sums.items():
             for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
@@ -184,7 +214,7 @@ class MethodStack:
 
     def _helpers(self) -> tuple:
         return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr), ("agm", self.agm),
-                ("mmpareto", self.mmpareto))
+                ("pmr", self.pmr), ("mmpareto", self.mmpareto))
 
     def state_dict(self) -> dict:
         return {name: helper.state_dict() for name, helper in
