@@ -19,7 +19,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("multi_tensor_scale_noise", &fastbml::multi_tensor_scale_noise,
         py::call_guard<py::gil_scoped_release>(), py::arg("ptrs"), py::arg("dtypes"),
         py::arg("numels"), py::arg("offsets"), py::arg("scale_index"), py::arg("scales_ptr"),
-        py::arg("noise"), py::arg("seed"), py::arg("stream"), py::arg("eps"));
+        py::arg("noise"), py::arg("seed"), py::arg("stream"), py::arg("eps"),
+        py::arg("std_ptr"));
+  m.def("multi_tensor_moments", &fastbml::multi_tensor_moments,
+        py::call_guard<py::gil_scoped_release>(), py::arg("ptrs"), py::arg("dtypes"),
+        py::arg("numels"), py::arg("out_ptr"));
   m.def("true_class_prob_sums", &fastbml::true_class_prob_sums,
         py::call_guard<py::gil_scoped_release>(), py::arg("logits_ptrs"), py::arg("dtype"),
         py::arg("batch"), py::arg("n_classes"), py::arg("labels_ptr"), py::arg("out_ptr"));

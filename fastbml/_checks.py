@@ -75,8 +75,8 @@ def check_plain(tensor: torch.Tensor, name: str) -> None:
     read or write the wrong memory."""
     if type(tensor) not in PLAIN_TENSORS:
         raise TypeError(f"{name} is a {type(tensor).__name__}: fastbml's kernels take plain "
-                        "tensors only (sharded DTensor gradients and parameters are not "
-                        "supported)")
+                        "tensors only (DTensors are taken as OGM's gradients and D&R's "
+                        "parameters: docs/design.md#input-checking)")
 
 
 def check_float_tensor(tensor: object, name: str) -> torch.Tensor:

@@ -24,9 +24,8 @@ from torch import nn
 from . import distributed
 from ._checks import check_float_tensor, finite_number
 from ._method import MethodScaffold
-from .ogm import _check_grads_disjoint, _check_params, _flatten, _grads_of
+from .ogm import _check_params, _flatten, _grads_of, _modulate_
 from .ops.combined_nll import combined_nll
-from .ops.scale_noise import multi_tensor_scale_noise_
 from .scores import _check_labels
 
 MAX_MODALITIES = 8            # 2^M - 1 subsets: 255 head evaluations per sample at M = 8
@@ -261,9 +260,9 @@ class AGM(MethodScaffold):
         self.running.copy_(self.running * (n - 1) / n + scores / n)
         self._step.add_(1)
         grads, scale_index = _grads_of(self.params, self._flat, self._scale_index, coeffs.device)
-        _check_grads_disjoint(self.params, self._flat, grads)
-        multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=False, seed=self._no_seed,
-                                  backend=self.backend)
+        # DTensor gradients (FSDP2) are scaled through their local shards
+        _modulate_(self.params, self._flat, grads, scale_index, coeffs, noise=False,
+                   seed=self._no_seed, backend=self.backend)
         self.last_scores, self.last_coeffs = scores, coeffs
         return coeffs
 

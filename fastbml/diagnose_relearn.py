@@ -17,6 +17,7 @@ from torch import nn
 
 from . import distributed
 from ._checks import integer, renamed_keyword
+from ._sharded import is_dtensor, local_slice, replicate_groups
 from .purity import check_kmeans, cluster_purity
 from .relearn import relearn_strength, soft_reinit_
 
@@ -92,7 +93,10 @@ class DiagnoseRelearn:
     re-initialised (BN gamma/beta included; buffers, the fusion head and optimizer state are not).
     Under DDP each rank passes its own shard of the features: purities come from a distributed
     k-means over all shards, and every rank applies the same re-initialisation toward rank 0's
-    snapshot. `state_dict()` holds the snapshot, so a resumed run re-learns toward the same init.
+    snapshot. Under FSDP2 the snapshot is a DTensor sharded like each parameter and the
+    re-initialisation is local to each rank's shards; `state_dict()` holds the snapshot
+    (DTensors under FSDP2, what torch.distributed.checkpoint saves and loads sharded), so a
+    resumed run re-learns toward the same init.
     `kmeans` picks the k-means implementation (`cluster_purity`; `kmeans_backend=` is its
     deprecated name), `backend` the kernel tier of the re-initialisation.
     """
@@ -204,12 +208,22 @@ class DiagnoseRelearn:
                 "shapes": [[list(p.shape) for p in group] for group in self.params]}
 
     def _sync_snapshot(self) -> None:
-        """Once, under DDP: check the ranks agree, then take rank 0's snapshot everywhere."""
+        """Once, under DDP: check the ranks agree, then take rank 0's snapshot everywhere.
+        A DTensor snapshot (FSDP2) is sharded like its parameter: each rank keeps its own
+        shards, and only a replicated mesh dimension (HSDP's) takes its first rank's."""
         if self._synced:
             return
         distributed.check_same_on_all_ranks(self._config(), self.group,
                                             "fastbml.DiagnoseRelearn")
-        distributed.broadcast_([p for group in self.init_params for p in group], self.group)
+        snapshot = [p for group in self.init_params for p in group]
+        distributed.broadcast_([p for p in snapshot if not is_dtensor(p)], self.group)
+        replicated: dict[object, list[torch.Tensor]] = {}
+        for p in snapshot:
+            if is_dtensor(p):
+                for group in replicate_groups(p):
+                    replicated.setdefault(group, []).append(p.to_local())
+        for group, local in replicated.items():
+            distributed.broadcast_(local, group)
         self._synced = True
 
     def state_dict(self) -> dict:
@@ -227,7 +241,10 @@ class DiagnoseRelearn:
         with torch.no_grad():
             for saved, mine in zip(init, self.init_params):
                 for t, p in zip(saved, mine):
-                    p.copy_(t)
+                    if is_dtensor(p) and not is_dtensor(t):  # a whole (unsharded) snapshot
+                        p.to_local().copy_(local_slice(t, p))
+                    else:
+                        p.copy_(t)
         self.count = int(state["count"])
 
     def __repr__(self) -> str:

@@ -17,7 +17,8 @@ from torch import nn
 from . import distributed, rng
 from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
 from ._method import MethodScaffold
-from .ops.scale_noise import multi_tensor_scale_noise_
+from ._sharded import Dim0Shard, dim0_shard, is_dtensor
+from .ops.scale_noise import multi_tensor_moments, multi_tensor_scale_noise_, std_of_moments
 from .scores import modality_scores, strongest_other
 
 COEFF_FORMS = ("paper", "shifted")
@@ -92,7 +93,8 @@ def _reject_grad(groups: list[list[torch.Tensor]], p: torch.Tensor,
     """Raises the error that says why p.grad cannot be modulated."""
     m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group) if q is p)
     name, g = f"params[{m}][{j}].grad", p.grad
-    check_plain(g, name)
+    if not is_dtensor(g):
+        check_plain(g, name)
     if g.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {g.dtype}")
     if g.device != device:
@@ -109,24 +111,87 @@ def _grads_of(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], index:
         g = p.grad
         if g is None:
             continue
-        if not (type(g) in PLAIN_TENSORS and g.dtype in FLOAT_DTYPES and g.device == device
-                and g.layout == torch.strided):
+        if not ((type(g) in PLAIN_TENSORS or is_dtensor(g)) and g.dtype in FLOAT_DTYPES
+                and g.device == device and g.layout == torch.strided):
             _reject_grad(groups, p, device)
         grads.append(g)
         scale_index.append(m)
     return grads, scale_index
 
 
+def _grad_name(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], i: int,
+               labels: Sequence[str] | None = None) -> str:
+    """The name of the i-th gradient that `_grads_of` returned (built only for an error)."""
+    with_grad = (k for k, p in enumerate(flat) if p.grad is not None)
+    k = next(itertools.islice(with_grad, i, None))
+    m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group)
+                if q is flat[k])
+    return f"params[{m}][{j}].grad" + (f" ({labels[k]})" if labels else "")
+
+
 def _check_grads_disjoint(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
                           grads: list[torch.Tensor]) -> None:
     """ValueError naming the two parameters whose gradients share memory."""
-    def name(i: int) -> str:
-        with_grad = (p for p in flat if p.grad is not None)
-        p = next(itertools.islice(with_grad, i, None))
-        m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group)
-                    if q is p)
-        return f"params[{m}][{j}].grad"
-    check_disjoint(grads, name)
+    check_disjoint(grads, lambda i: _grad_name(groups, flat, i))
+
+
+def _all_reduce_rows_(moments: torch.Tensor, groups: list[object | None]) -> None:
+    """Sums row t of `moments` over groups[t] (None: a whole tensor, left alone): one
+    all_reduce per distinct group, one in all for a model sharded on one mesh. Rows are
+    addressed as slices (no index tensor to copy to the device, no host sync)."""
+    spans: dict[object, list[list[int]]] = {}
+    for t, group in enumerate(groups):
+        if group is not None:
+            runs = spans.setdefault(group, [])
+            if runs and runs[-1][1] == t:
+                runs[-1][1] = t + 1
+            else:
+                runs.append([t, t + 1])
+    for group, runs in spans.items():
+        if len(runs) == 1:  # a contiguous block of rows, reduced in place
+            distributed.all_reduce_sum_(moments[runs[0][0]:runs[0][1]], group)
+            continue
+        part = distributed.all_reduce_sum_(torch.cat([moments[a:b] for a, b in runs]), group)
+        start = 0
+        for a, b in runs:
+            moments[a:b].copy_(part[start:start + b - a])
+            start += b - a
+
+
+def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
+               grads: list[torch.Tensor], scale_index: list[int], coeffs: torch.Tensor, *,
+               noise: bool, seed: rng.Seed | None, backend: str,
+               labels: Sequence[str] | None = None) -> None:
+    """g <- k g (+ noise) over the gradients; DTensor ones through their local shards
+    (docs/design.md#fsdp2).
+
+    A shard of a DTensor sharded on dim 0 is a contiguous range of the whole tensor's
+    flattened elements: it draws the noise of the whole tensor's indices there, and its std
+    comes from the (count, sum, sum of squares) of every shard, summed by one all_reduce of a
+    [T, 3] float64 tensor over the sharding group. Nothing else crosses ranks, and the kernels
+    work on the local shards (buffers of at most this rank's shards): no rank builds a whole
+    gradient.
+    """
+    if not any(is_dtensor(g) for g in grads):
+        _check_grads_disjoint(groups, flat, grads)
+        multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=noise, seed=seed,
+                                  stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
+        return
+    with torch.no_grad():  # the DTensors' local tensors themselves
+        shards = [dim0_shard(g, lambda i=i: _grad_name(groups, flat, i, labels))
+                  if is_dtensor(g) else Dim0Shard(g, 0, None) for i, g in enumerate(grads)]
+    local = [shard.local for shard in shards]
+    _check_grads_disjoint(groups, flat, local)
+    std = None
+    if noise:
+        moments = multi_tensor_moments(local, backend=backend)
+        _all_reduce_rows_(moments, [shard.group for shard in shards])
+        std = std_of_moments(moments)
+    multi_tensor_scale_noise_(local, scale_index, coeffs, noise=noise, seed=seed,
+                              stream=rng.STREAM_NOISE, eps=NOISE_EPS,
+                              shards=[(g.numel(), shard.first)  # a DTensor's numel: whole
+                                      for g, shard in zip(grads, shards)],
+                              std=std, backend=backend)
 
 
 def _check_coeffs(coeffs: object, n_groups: int) -> None:
@@ -154,16 +219,18 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
     unaffected (with AMP, GradScaler has already recorded the overflow and skips the step).
     Noise is drawn from the Philox stream of `seed`: an int, an int64 0-dim tensor on the
     gradients' device (what a compiled step should pass: it is read on the device and never
-    specialises the graph), or None for a fresh seed from torch's CPU generator.
+    specialises the graph), or None for a fresh seed from torch's CPU generator. DTensor
+    gradients sharded on dim 0 or replicated (FSDP2, HSDP) are modulated shard by shard exactly
+    as their whole tensors would be (docs/design.md#fsdp2), given the same `seed` on every
+    rank (the helper `OGM` shares one); other placements are a ValueError.
     """
     groups = _grouped(params, modality_index)
     _check_coeffs(coeffs, len(groups))
     _check_params(groups)
     flat, index = _flatten(groups)
     grads, scale_index = _grads_of(groups, flat, index, coeffs.device)
-    _check_grads_disjoint(groups, flat, grads)
-    multi_tensor_scale_noise_(grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
-                              stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
+    _modulate_(groups, flat, grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
+               backend=backend)
 
 
 GroupSpec = nn.Module | Iterable[torch.Tensor]
@@ -188,7 +255,11 @@ class OGM(MethodScaffold):
     coefficients of the global batch, and every rank adds identical noise to its (already
     all-reduced) gradients; rank 0's seed is shared when none is given, and construction (like
     the first eager step after load_state_dict) checks that all ranks agree on modalities,
-    parameter shapes and seed. With gradient accumulation, call `step` once per
+    parameter shapes and seed. Under FSDP2 (`fully_shard`, HSDP included) the gradients are
+    DTensors sharded on dim 0: each rank modulates its shards, with each whole gradient's std
+    (one all_reduce of 3 float64 per tensor over the sharding group) and the noise of the
+    whole tensor's indices, so the result equals one process modulating the whole gradients
+    (docs/design.md#fsdp2). With gradient accumulation, call `step` once per
     optimizer step, after the last backward; the scores are then the last micro-batch's.
     `last_scores` and `last_coeffs` (device tensors, no sync) hold the latest step's values;
     the coefficients are the ones applied (ones outside the window).
@@ -204,7 +275,9 @@ class OGM(MethodScaffold):
         ogm_coefficients(torch.ones(2), alpha, form)  # validates alpha and form
         self._setup(list(groups), start=start, end=end, warmup_epochs=warmup_epochs, seed=seed,
                     backend=backend, process_group=process_group)
-        self.params = [self._select(name, spec, conv_only) for name, spec in groups.items()]
+        selected = [self._select(name, spec, conv_only) for name, spec in groups.items()]
+        self.params = [[p for _, p in group] for group in selected]
+        self._labels = [label for group in selected for label, _ in group]
         _check_params(self.params)
         self._flat, self._scale_index = _flatten(self.params)
         self.alpha, self.form, self.noise = float(alpha), form, noise
@@ -218,14 +291,16 @@ class OGM(MethodScaffold):
         self._check_ranks()
 
     @staticmethod
-    def _select(name: str, spec: GroupSpec, conv_only: bool) -> list[torch.Tensor]:
+    def _select(name: str, spec: GroupSpec, conv_only: bool) -> list[tuple[str, torch.Tensor]]:
+        """The modality's (label, parameter) pairs; a label names the parameter in errors."""
         if isinstance(spec, nn.Module):
             wanted = (lambda p: p.dim() == 4) if conv_only else (lambda p: p.dim() >= 2)
-            return [p for p in spec.parameters() if p.requires_grad and wanted(p)]
+            return [(f"{name}.{key}", p) for key, p in spec.named_parameters()
+                    if p.requires_grad and wanted(p)]
         if isinstance(spec, torch.Tensor) or not isinstance(spec, Iterable):
             raise TypeError(f"groups[{name!r}] must be an nn.Module or a list of parameters, got "
                             f"{type(spec).__name__}")
-        return list(spec)
+        return [(f"{name}[{j}]", p) for j, p in enumerate(spec)]
 
     def active(self, epoch: int) -> bool:
         """Whether gradients are modulated in `epoch` (0-based)."""
@@ -247,11 +322,9 @@ class OGM(MethodScaffold):
             coeffs = ogm_coefficients(scores, self.alpha, self.form)
             grads, scale_index = _grads_of(self.params, self._flat, self._scale_index,
                                            coeffs.device)
-            _check_grads_disjoint(self.params, self._flat, grads)
-            multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=self.noise,
-                                      seed=rng.step_seed_tensor(self.seed, self._step),
-                                      stream=rng.STREAM_NOISE, eps=NOISE_EPS,
-                                      backend=self.backend)
+            _modulate_(self.params, self._flat, grads, scale_index, coeffs, noise=self.noise,
+                       seed=rng.step_seed_tensor(self.seed, self._step), backend=self.backend,
+                       labels=self._labels)
         else:
             coeffs = torch.ones_like(scores)
         self._step.add_(1)

@@ -28,6 +28,7 @@ from ._checks import (
     check_unit_range,
     finite_number,
 )
+from ._sharded import is_dtensor, same_layout
 from .ops.lerp import multi_tensor_lerp_
 
 Number = int | float
@@ -108,7 +109,23 @@ def _reject_pair(where: str, p, p0, device: torch.device | None) -> NoReturn:
     for name, value in (("params", p), ("init_params", p0)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}{where} must be a tensor, got {type(value).__name__}")
-        check_plain(value, f"{name}{where}")
+    if is_dtensor(p) or is_dtensor(p0):
+        for name, value in (("params", p), ("init_params", p0)):
+            partial = [x for x in getattr(value, "placements", ()) if x.is_partial()]
+            if partial:
+                raise ValueError(f"{name}{where} is a DTensor with placement {partial[0]!r}: "
+                                 "its local tensor is a summand, not a part of the tensor; "
+                                 "soft re-initialisation takes Shard or Replicate placements")
+        if not (is_dtensor(p) and is_dtensor(p0) and same_layout(p, p0)):
+            def layout(t):
+                return (f"a DTensor with placements {tuple(t.placements)} on {t.device_mesh}"
+                        if is_dtensor(t) else f"a {type(t).__name__}")
+            raise ValueError(f"params{where} is {layout(p)} but init_params{where} "
+                             f"{layout(p0)}: a DTensor parameter needs a snapshot sharded like "
+                             "it (e.g. p.detach().clone())")
+    else:
+        for name, value in (("params", p), ("init_params", p0)):
+            check_plain(value, f"{name}{where}")
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"params{where} must be float32, bfloat16 or float16, got {p.dtype}")
     if p0.shape != p.shape:
@@ -131,7 +148,9 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
     value per group); `init_params` has the same structure, each tensor of its parameter's
     shape, dtype and device (e.g. clones taken right after construction). a lies in [0, 1]:
     0 leaves the parameters bit for bit unchanged on every backend (even where the snapshot
-    holds NaN), 1 restores the initial values. Computed in
+    holds NaN), 1 restores the initial values. DTensor parameters (FSDP2) take snapshots that
+    are DTensors on the same mesh with the same placements (Shard or Replicate); the update is
+    elementwise, so each rank rewrites its local shards, without communicating. Computed in
     float32 whatever the storage dtype; gradients are not tracked; empty lists are a no-op.
     Strength tensors are range checked on the device, without a host sync.
     """
@@ -146,7 +165,9 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
         for j, (p, p0) in enumerate(zip(group, init)):
             # One cheap test per pair (this runs for every parameter of every encoder); the
             # detailed checks only to say what is wrong.
-            if not (type(p) in PLAIN_TENSORS and type(p0) in PLAIN_TENSORS
+            plain = type(p) in PLAIN_TENSORS and type(p0) in PLAIN_TENSORS
+            if not ((plain or (is_dtensor(p) and is_dtensor(p0) and same_layout(p, p0)
+                               and not any(x.is_partial() for x in p.placements)))
                     and p.dtype in FLOAT_DTYPES and p0.dtype == p.dtype
                     and p0.shape == p.shape and p.device == device and p0.device == device
                     and id(p) not in seen):
@@ -158,6 +179,9 @@ def soft_reinit_(params, init_params, strength: float | Sequence[float] | torch.
             weight_index.append(m)
     if not tensors:
         return
+    with torch.no_grad():  # a DTensor's local tensor holds the same elements of p and p0
+        tensors = [t.to_local() if is_dtensor(t) else t for t in tensors]
+        targets = [t.to_local() if is_dtensor(t) else t for t in targets]
     check_disjoint(tensors, lambda i: f"params{where[i]}", targets,
                    lambda i: f"init_params{where[i]}")
     if isinstance(weights, torch.Tensor):

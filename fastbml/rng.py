@@ -139,16 +139,21 @@ def _to_uniform(words: torch.Tensor) -> torch.Tensor:
 
 def philox_uniform(seed: Seed, stream: int, n: int, *, offset: int = 0,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniforms in (0, 1) for flattened indices offset .. offset + n - 1 (offset % 4 == 0)."""
-    words = philox_words(seed, stream, -(-n // 4), first_block=offset // 4, device=device)
-    return _to_uniform(words).reshape(-1)[:n]
+    """Uniforms in (0, 1) for flattened indices offset .. offset + n - 1."""
+    skip = offset % 4
+    words = philox_words(seed, stream, -(-(n + skip) // 4), first_block=offset // 4,
+                         device=device)
+    return _to_uniform(words).reshape(-1)[skip:skip + n]
 
 
 def philox_normal(seed: Seed, stream: int, n: int, *, offset: int = 0,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normals for flattened indices offset .. offset + n - 1 (offset % 4 == 0)."""
-    u = _to_uniform(philox_words(seed, stream, -(-n // 4), first_block=offset // 4, device=device))
+    """Standard normals for flattened indices offset .. offset + n - 1 (any offset >= 0: the
+    draws of an index do not depend on where a range starts)."""
+    skip = offset % 4
+    u = _to_uniform(philox_words(seed, stream, -(-(n + skip) // 4), first_block=offset // 4,
+                                 device=device))
     radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
     angle = (2.0 * torch.pi) * u[:, 1::2]
     normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=2)
-    return normals.reshape(-1)[:n]
+    return normals.reshape(-1)[skip:skip + n]

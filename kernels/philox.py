@@ -2,7 +2,8 @@
 
 An element with flattened index i uses word i % 4 of Philox block i // 4 (counter words:
 block lo, block hi, stream, 0; key: the 64-bit seed), so a kernel that owns BLOCK consecutive
-elements (BLOCK % 4 == 0, start % 4 == 0) draws BLOCK // 4 Philox blocks and interleaves them.
+elements (BLOCK % 4 == 0, start % 4 == 0) draws BLOCK // 4 Philox blocks and interleaves them;
+`normal_at` draws for any indices (one block per element: four times the Philox work).
 """
 
 import triton
@@ -51,3 +52,18 @@ def normal_block(seed, stream, first_element, BLOCK: tl.constexpr):
     a23 = 6.283185307179586 * uniform_open(w3)
     return _interleave4(r01 * tl.cos(a01), r01 * tl.sin(a01), r23 * tl.cos(a23),
                         r23 * tl.sin(a23))
+
+
+@triton.jit
+def normal_at(seed, stream, index):
+    """The standard normals of the int64 flattened indices `index` (any values, any shape)."""
+    block = index // 4
+    word = index % 4
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    c2 = (tl.zeros_like(c0) + stream).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, tl.zeros_like(c0))
+    first = word < 2  # words (0, 1) pair for indices 4b, 4b + 1; (2, 3) for 4b + 2, 4b + 3
+    radius = tl.sqrt(-2.0 * tl.log(uniform_open(tl.where(first, w0, w2))))
+    angle = 6.283185307179586 * uniform_open(tl.where(first, w1, w3))
+    return tl.where(word % 2 == 0, radius * tl.cos(angle), radius * tl.sin(angle))

@@ -258,7 +258,11 @@ def _opcheck_cases(device):
     ops = torch.ops.fastbml
     yield "scale_noise_", ops.scale_noise_.default, (
         [r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)], [0, 1, 0],
-        torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True)
+        torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True, [0, 24, 64], None)
+    yield "scale_noise_", ops.scale_noise_.default, (  # a shard: offsets inside a block, std given
+        [r(7, 3), r(5)], [0, 1], torch.tensor([0.5, 0.9], device=device), seed, 0, 1e-8, True,
+        [9, 130], torch.tensor([0.7, 1.1], dtype=torch.float64, device=device))
+    yield "moments", ops.moments.default, ([r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)],)
     yield "lerp_", ops.lerp_.default, (
         [r(5, 4), r(9)], [r(5, 4), r(9)], [0, 1], torch.tensor([0.3, 0.6], device=device))
     yield "true_class_prob", ops.true_class_prob.default, (
@@ -318,25 +322,6 @@ def test_tensor_subclasses_are_refused_with_the_argument_named(backend):
     with pytest.raises(TypeError, match=r"features\[0\] is a _Wrapped"):
         fastbml.opm_drop([randn(4, 3).as_subclass(_Wrapped), randn(4, 3)], [0.5, 0.0],
                          seed=1, backend=backend)
-
-
-def test_a_dtensor_gradient_is_refused_not_handed_to_a_kernel(tmp_path):
-    """A one-rank gloo mesh of CPU tensors (on any machine)."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        p = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
-        q = nn.Parameter(torch.randn(3, 3))
-        q.grad = torch.randn(3, 3)
-        with pytest.raises(TypeError, match=r"params\[0\]\[0\]\.grad is a DTensor"):
-            fastbml.ogm_modulate_([[p], [q]], torch.ones(2), backend="cpp")
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- CUDA graphs

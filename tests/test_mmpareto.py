@@ -20,13 +20,6 @@ SHAPES = [(16, 3, 5, 5), (33, 17), (1,), (0, 5), (40000,), (3, 1, 7)]
 # ---------------------------------------------------------------------------- ops
 
 
-def _tensor(shape, dtype, noncontiguous=False, **kwargs):
-    """randn in `dtype`; `noncontiguous`: every other element of a wider tensor."""
-    if not noncontiguous:
-        return randn(*shape, dtype=dtype, **kwargs)
-    return randn(*shape[:-1], 2 * shape[-1], dtype=dtype, **kwargs)[..., ::2]
-
-
 def _strided(t):
     """A non-contiguous tensor equal to t (every other element of a wider buffer)."""
     base = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
@@ -35,8 +28,8 @@ def _strided(t):
 
 
 def _pairs(dtype, noncontiguous=False, shapes=SHAPES):
-    sums = [_tensor(s, dtype, noncontiguous, shift=0.1) for s in shapes]
-    parts = [_tensor(s, dtype, noncontiguous, scale=0.7) for s in shapes]
+    sums = [randn(*s, dtype=dtype, noncontiguous=noncontiguous, shift=0.1) for s in shapes]
+    parts = [randn(*s, dtype=dtype, noncontiguous=noncontiguous, scale=0.7) for s in shapes]
     return sums, parts
 
 

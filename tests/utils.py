@@ -45,7 +45,9 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, noncontiguous: bool =
     """Fresh random values (never zeros); `noncontiguous` returns a strided view of a bigger one."""
     if noncontiguous and len(shape) >= 1:
         base = torch.randn(*shape[:-1], 2 * shape[-1] + 1, device=DEVICE) * scale + shift
-        return base[..., 1::2].to(dtype)
+        view = base.to(dtype)[..., 1::2]  # converted before slicing: .to() would copy it dense
+        assert not view.is_contiguous() or view.numel() <= 1
+        return view
     return (torch.randn(*shape, device=DEVICE) * scale + shift).to(dtype)
 
 
