@@ -548,3 +548,20 @@ def test_gamma_scales_the_result():
     fastbml.mmpareto_combine_(one, g_uni, gamma=1.0, backend="torch")
     for a, b in zip((t for g in base for t in g), (t for g in one for t in g)):
         torch.testing.assert_close(a, 1.5 * b)
+
+
+def test_dtensor_gradients_are_refused_with_the_tensor_named(tmp_path):
+    """A one-rank gloo mesh of CPU tensors (on any machine)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        with pytest.raises(TypeError, match=r"grads\[0\]\[0\] is a DTensor"):
+            fastbml.mmpareto_combine_([[sharded], [torch.randn(3)]],
+                                      [[torch.randn(8, 4)], [torch.randn(3)]])
+    finally:
+        dist.destroy_process_group()
