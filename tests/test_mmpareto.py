@@ -370,10 +370,12 @@ def test_helper_takes_two_backward_passes_and_the_authors_four():
     assert len(passes) == 2
 
 
-def test_the_combination_reads_nothing_back_to_the_host(monkeypatch):
-    """After the two backward passes, no tensor value reaches Python (no .item(), no bool())."""
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_step_reads_nothing_back_to_the_host(monkeypatch, backend):
+    """Neither the two backward passes nor the combination read a tensor value into Python
+    (no .item(), no bool(), no Python branch on a device value)."""
     model = _small_model()
-    helper = _helper(model)
+    helper = _helper(model, backend=backend)
     mm, uni = _losses(model, *_batch())
 
     def refuse(*_):
