@@ -230,10 +230,10 @@ def test_compile_flags_on_the_command_line(tmp_path):
         make_config("demo", compile_mode="fast")
 
 
-@pytest.mark.parametrize("method", ["mmpareto", "mmpareto+opm"])
+@pytest.mark.parametrize("method", ["mmpareto", "mmpareto+opm", "mmpareto+dr"])
 def test_mmpareto_trains_its_unimodal_heads_and_logs_the_conflicts(tmp_path, method):
     splits = make_synthetic(0, TINY)
-    trainer = Trainer(_cfg(tmp_path, method=method, epochs=1), splits)
+    trainer = Trainer(_cfg(tmp_path, method=method, epochs=1, dr_every=1), splits)
     heads = trainer.model.unimodal_heads
     before = {m: h.weight.detach().clone() for m, h in heads.items()}
     summary = trainer.fit()
