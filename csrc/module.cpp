@@ -3,11 +3,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "axpby.h"
 #include "combined_nll.h"
 #include "lerp.h"
 #include "prototype_cross_entropy.h"
 #include "row_drop.h"
 #include "scale_noise.h"
+#include "split_gram.h"
 #include "true_class_prob.h"
 
 namespace py = pybind11;
@@ -47,4 +49,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("batch"), py::arg("dim"), py::arg("row_stride"),
         py::arg("prototypes_ptr"), py::arg("n_classes"), py::arg("mask_ptr"),
         py::arg("labels_ptr"), py::arg("lse_ptr"), py::arg("out_ptr"));
+  m.def("multi_tensor_split_gram", &fastbml::multi_tensor_split_gram,
+        py::call_guard<py::gil_scoped_release>(), py::arg("sum_ptrs"), py::arg("part_ptrs"),
+        py::arg("dtypes"), py::arg("numels"), py::arg("out_ptr"));
+  m.def("multi_tensor_axpby", &fastbml::multi_tensor_axpby,
+        py::call_guard<py::gil_scoped_release>(), py::arg("x_ptrs"), py::arg("y_ptrs"),
+        py::arg("dtypes"), py::arg("numels"), py::arg("coeffs_ptr"));
 }

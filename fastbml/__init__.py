@@ -1,7 +1,9 @@
-"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning, AGM, PMR)."""
+"""fastbml: fused kernels for balanced multimodal learning (OGM-GE, OPM, Diagnosing & Re-learning,
+AGM, PMR, MMPareto)."""
 
 from .agm import AGM, agm_coefficients, agm_score_sums, shapley_weights, subset_masks
 from .diagnose_relearn import DiagnoseRelearn, FeatureLoader
+from .mmpareto import MMPareto, mmpareto_combine_, mmpareto_weights
 from .ogm import OGM, ogm_coefficients, ogm_modulate_
 from .opm import OPM, opm_drop, opm_drop_probs
 from .pmr import PMR, pmr_loss_weights
@@ -19,10 +21,13 @@ __all__ = [
     "PMR",
     "DiagnoseRelearn",
     "FeatureLoader",
+    "MMPareto",
     "agm_coefficients",
     "agm_score_sums",
     "cluster_purity",
     "concat_unimodal_logits",
+    "mmpareto_combine_",
+    "mmpareto_weights",
     "modality_scores",
     "ogm_coefficients",
     "ogm_modulate_",

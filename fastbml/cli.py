@@ -27,8 +27,8 @@ from .train.config import (
 _HELP = {
     "dataset": f"dataset name: {', '.join(dataset_names())}",
     "data_root": "directory holding the dataset (its layout: README.md, Datasets)",
-    "method": "joint, ogm, ogm-ge, opm, dr, agm, pmr, or a combination joined by '+' (e.g. "
-              "opm+ogm-ge, pmr+ogm-ge)",
+    "method": "joint, ogm, ogm-ge, opm, dr, agm, pmr, mmpareto, or a combination joined by '+' "
+              "(e.g. opm+ogm-ge, pmr+ogm-ge, mmpareto+opm)",
     "fusion": f"fusion head: {', '.join(FUSIONS)}",
     "init": "reference init: ogm (OGM-GE / T-PAMI global re-init) or dr (D&R: ResNet's own)",
     "modalities": "train on these modalities only (a uni-modal baseline with one)",
@@ -47,6 +47,9 @@ _HELP = {
     "pmr_momentum": "PMR: weight of the previous prototypes in their EMA",
     "pmr_start": "first epoch PMR adds its loss (0-based)",
     "pmr_end": "last epoch PMR adds its loss",
+    "mmpareto_gamma": "MMPareto step enlargement gamma",
+    "mmpareto_start": "first epoch MMPareto combines gradients (0-based)",
+    "mmpareto_end": "last epoch MMPareto combines gradients",
     "batch_size": "batch size per process (under torchrun the global batch is world size x this)",
     "device": "auto, cpu, cuda or cuda:N (under torchrun auto/cuda mean cuda:LOCAL_RANK)",
     "dist_backend": "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on "

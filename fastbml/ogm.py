@@ -49,22 +49,24 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") ->
     return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * excess), 1.0)
 
 
-def _grouped(params, modality_index) -> list[list[torch.Tensor]]:
+def _grouped(params, modality_index, name: str = "params") -> list[list[torch.Tensor]]:
+    """One list per modality from per-modality lists, or from a flat list with modality_index;
+    errors name the argument `name`."""
     if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
-        raise TypeError("params must be a list of per-modality parameter lists, or a flat list "
+        raise TypeError(f"{name} must be a list of per-modality tensor lists, or a flat list "
                         "with modality_index")
     params = list(params)
     if modality_index is None:
         groups = []
         for m, group in enumerate(params):
             if isinstance(group, torch.Tensor) or not isinstance(group, Iterable):
-                raise TypeError(f"params[{m}] must be a list of tensors (one list per modality); "
+                raise TypeError(f"{name}[{m}] must be a list of tensors (one list per modality); "
                                 "pass modality_index with a flat list")
             groups.append(list(group))
         return groups
     index = list(modality_index)
     if len(index) != len(params):
-        raise ValueError(f"modality_index has {len(index)} entries for {len(params)} params")
+        raise ValueError(f"modality_index has {len(index)} entries for {len(params)} {name}")
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in index):
         raise ValueError("modality_index must hold non-negative ints")
     groups = [[] for _ in range(max(index, default=-1) + 1)]

@@ -15,7 +15,15 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastbml.kernels import combined_nll, lerp, row_drop, scale_noise, true_class_prob
+from fastbml.kernels import (
+    axpby,
+    combined_nll,
+    lerp,
+    row_drop,
+    scale_noise,
+    split_gram,
+    true_class_prob,
+)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -54,6 +62,19 @@ def specs():
             "DTYPE": "constexpr", "MP": "constexpr", "ROWS": "constexpr",
             "COLS": "constexpr", "ALIGNED": "constexpr"}, {
             "DTYPE": dtype, "MP": 4, "ROWS": 8, "COLS": 512, "ALIGNED": True}
+        yield f"split_gram[{name}]", split_gram._partial_kernel, {
+            "sum_table": "*i64", "part_table": "*i64", "numel_table": "*i64",
+            "chunk_tensor": "*i64", "chunk_start": "*i64", "partial": "*fp64",
+            "DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}, {
+            "DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
+        yield f"axpby[{name}]", axpby._axpby_kernel, {
+            "x_table": "*i64", "y_table": "*i64", "numel_table": "*i64", "coeff_row": "*i64",
+            "coeffs": "*fp32", "chunk_tensor": "*i64", "chunk_start": "*i64",
+            "DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}, {
+            "DTYPE": dtype, "BLOCK": 4096, "ALIGNED": True}
+    yield "split_gram_combine", split_gram._combine_kernel, {
+        "partial": "*fp64", "first_chunk": "*i64", "out_row": "*i64", "out": "*fp64",
+        "n_iters": "i32", "CHUNKS": "constexpr"}, {"CHUNKS": 256}
     yield "sigma", scale_noise._sigma_kernel, {
         "moments": "*fp64", "first_chunk": "*i64", "sigma": "*fp32", "eps": "fp32",
         "n_iters": "i32", "CHUNKS": "constexpr"}, {"CHUNKS": 1024}

@@ -29,8 +29,8 @@ def compiled():
 def test_every_kernel_compiles_for_sm90(compiled):
     kernels = {name.split("[")[0] for name in compiled}
     assert kernels == {"moments", "rewrite", "sigma", "true_class_prob", "drop_scale", "weights",
-                       "lerp", "combined_nll"}
-    assert len(compiled) == 20
+                       "lerp", "combined_nll", "split_gram", "split_gram_combine", "axpby"}
+    assert len(compiled) == 27
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
@@ -39,3 +39,5 @@ def test_aligned_elementwise_passes_vectorise(compiled, dtype):
     assert compiled[f"rewrite[{dtype}]"]["ld_v4"] and compiled[f"rewrite[{dtype}]"]["st_v4"]
     assert compiled[f"drop_scale[{dtype}]"]["st_v4"]
     assert compiled[f"lerp[{dtype}]"]["ld_v4"] and compiled[f"lerp[{dtype}]"]["st_v4"]
+    assert compiled[f"split_gram[{dtype}]"]["ld_v4"]
+    assert compiled[f"axpby[{dtype}]"]["ld_v4"] and compiled[f"axpby[{dtype}]"]["st_v4"]

@@ -7,7 +7,7 @@ import torch
 
 from fastbml import cli
 from fastbml.data import SyntheticConfig, make_synthetic
-from fastbml.train import Trainer, format_table, make_config, parse_method, run_demo
+from fastbml.train import Trainer, checkpoint, format_table, make_config, parse_method, run_demo
 
 TINY = SyntheticConfig(n_train=192, n_val=96, n_test=96)
 TINY_OPTIONS = {"n_train": 192, "n_val": 96, "n_test": 96}
@@ -91,7 +91,7 @@ def test_agm_modulates_and_checkpoints_its_running_scores(tmp_path, amp):
                            agm.model.encoders["visual"].net[0].weight)
 
 
-@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "agm", "pmr"])
+@pytest.mark.parametrize("method", ["opm+ogm-ge", "dr", "agm", "pmr", "mmpareto+opm"])
 def test_resume_is_bit_identical(tmp_path, method):
     splits = make_synthetic(0, TINY)
     kw = dict(method=method, epochs=3, dr_every=1, dr_times=2, scheduler="step", step_size=1,
@@ -200,7 +200,7 @@ def test_demo_quick_shows_the_imbalance(tmp_path):
     assert "joint" in format_table(results)
 
 
-@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm", "pmr+ogm-ge"])
+@pytest.mark.parametrize("method", ["joint", "opm+ogm-ge", "agm", "pmr+ogm-ge", "mmpareto"])
 def test_compile_trains_as_eager_does(tmp_path, method):
     """--compile (here without code generation) gives the eager run's losses and weights."""
     runs = []
@@ -228,3 +228,32 @@ def test_compile_flags_on_the_command_line(tmp_path):
     assert json.loads((out / "config.json").read_text())["compile"] is True
     with pytest.raises(ValueError, match="compile_mode"):
         make_config("demo", compile_mode="fast")
+
+
+@pytest.mark.parametrize("method", ["mmpareto", "mmpareto+opm", "mmpareto+dr"])
+def test_mmpareto_trains_its_unimodal_heads_and_logs_the_conflicts(tmp_path, method):
+    splits = make_synthetic(0, TINY)
+    trainer = Trainer(_cfg(tmp_path, method=method, epochs=1, dr_every=1), splits)
+    heads = trainer.model.unimodal_heads
+    before = {m: h.weight.detach().clone() for m, h in heads.items()}
+    summary = trainer.fit()
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for m in ("audio", "visual"):
+        assert -1.0 <= history[0][f"cos_{m}"] <= 1.0
+        assert 0.0 <= history[0][f"conflict_{m}"] <= 1.0
+        assert not torch.equal(before[m], heads[m].weight)  # the uni-modal losses train them
+    assert 0.0 <= summary["test"]["acc_visual"] <= 1.0
+    state = checkpoint.load(tmp_path / "run" / "checkpoint_last.pt")
+    assert state["methods"]["mmpareto"]["steps"] == 6  # 192 samples / batch 32
+    assert any(k.startswith("unimodal_heads.") for k in state["model"])
+
+
+def test_mmpareto_refuses_ogm_agm_pmr_and_plain_runs_build_no_unimodal_heads(tmp_path):
+    for method in ("mmpareto+ogm", "ogm-ge+mmpareto", "agm+mmpareto"):
+        with pytest.raises(ValueError, match="both rewrite the encoders' gradients"):
+            parse_method(method)
+    with pytest.raises(ValueError, match="'mmpareto' and 'pmr' cannot be combined"):
+        parse_method("pmr+mmpareto")
+    trainer = Trainer(_cfg(tmp_path, method="ogm-ge", epochs=1), make_synthetic(0, TINY))
+    assert trainer.model.unimodal_heads is None
+    trainer.close()

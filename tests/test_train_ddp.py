@@ -56,7 +56,7 @@ def _state(trainer):
 def ddp_job(rank, world, base):
     splits = make_synthetic(0, TINY)
     out = {}
-    for method in ("ogm-ge", "opm"):
+    for method in ("ogm-ge", "opm", "mmpareto"):
         trainer = Recording(_cfg(_out(base, method, rank), method=method), splits)
         summary = trainer.fit()
         out[method] = {"trained": trainer.trained, "summary": summary,
@@ -85,7 +85,7 @@ def ddp(tmp_path_factory):
     return base, splits, ranks
 
 
-@pytest.mark.parametrize("method", ["ogm-ge", "opm"])
+@pytest.mark.parametrize("method", ["ogm-ge", "opm", "mmpareto"])
 def test_two_ranks_train_identical_replicas_and_only_rank0_writes(ddp, method):
     base, _, (r0, r1) = ddp
     a, b = r0[method], r1[method]
@@ -105,7 +105,7 @@ def test_two_ranks_train_identical_replicas_and_only_rank0_writes(ddp, method):
     assert not (base / f"{method}-rank1").exists()
     history = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [0, 1]
-    key = "coeff_audio" if method == "ogm-ge" else "drop_prob_audio"
+    key = {"ogm-ge": "coeff_audio", "opm": "drop_prob_audio", "mmpareto": "cos_audio"}[method]
     assert key in history[0]
     checkpoint = torch.load(run / "checkpoint_last.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 2
@@ -113,15 +113,16 @@ def test_two_ranks_train_identical_replicas_and_only_rank0_writes(ddp, method):
         assert torch.equal(tensor, a["trained"][name]), name
 
 
-def test_two_ranks_equal_one_process_with_the_global_batch(ddp, tmp_path):
+@pytest.mark.parametrize("method", ["ogm-ge", "mmpareto"])
+def test_two_ranks_equal_one_process_with_the_global_batch(ddp, tmp_path, method):
     """Rank r takes rows r, r + 2, ... of each global batch of the single-process order, DDP
-    averages the gradients and OGM-GE scores the global batch: 2 ranks x 32 is 1 process x 64
-    up to float rounding."""
+    averages the gradients, OGM-GE scores the global batch and MMPareto averages its uni-modal
+    gradients: 2 ranks x 32 is 1 process x 64 up to float rounding."""
     _, splits, (r0, _) = ddp
-    single = Recording(_cfg(tmp_path, method="ogm-ge", batch_size=2 * BATCH), splits)
+    single = Recording(_cfg(tmp_path, method=method, batch_size=2 * BATCH), splits)
     single.fit()
     for name, tensor in single.trained.items():
-        torch.testing.assert_close(r0["ogm-ge"]["trained"][name], tensor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r0[method]["trained"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_sharded_eval_equals_single_process_metrics(ddp, tmp_path):

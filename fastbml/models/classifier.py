@@ -45,10 +45,13 @@ class MultimodalClassifier(nn.Module):
     """Per-modality encoders -> pooled features -> a fusion head.
 
     `encode` and `classify` are exposed separately so a feature-level method (OPM) can sit
-    between them; `forward` chains them.
+    between them; `forward` chains them. `unimodal_heads=True` adds a trained Linear(d_m, C) on
+    each encoder's feature (the uni-modal losses of MMPareto, docs/methods.md#mmpareto); the
+    per-modality logits of `classify` are then theirs.
     """
 
-    def __init__(self, encoders: Mapping[str, nn.Module], head: FusionHead):
+    def __init__(self, encoders: Mapping[str, nn.Module], head: FusionHead, *,
+                 unimodal_heads: bool = False):
         super().__init__()
         if set(encoders) != set(head.modalities):
             raise ValueError(f"encoders {sorted(encoders)} and head modalities "
@@ -56,6 +59,16 @@ class MultimodalClassifier(nn.Module):
         self.encoders = nn.ModuleDict({m: encoders[m] for m in head.modalities})
         self.head = head
         self.modalities = head.modalities
+        self.unimodal_heads = nn.ModuleDict(
+            {m: nn.Linear(head.dims[m], head.num_classes) for m in head.modalities}
+        ) if unimodal_heads else None
+
+    def unimodal_head_logits(self, features: Mapping[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor] | None:
+        """The trained uni-modal heads' logits {m: [B, C]} (with gradient), None without them."""
+        if self.unimodal_heads is None:
+            return None
+        return {m: self.unimodal_heads[m](features[m]) for m in self.modalities}
 
     def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = [m for m in self.modalities if m not in inputs]
@@ -64,7 +77,8 @@ class MultimodalClassifier(nn.Module):
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
     def classify(self, features: Mapping[str, torch.Tensor]) -> ModelOutput:
-        return ModelOutput(self.head(features), dict(features), self.head.unimodal_logits(features))
+        unimodal = self.unimodal_head_logits(features) or self.head.unimodal_logits(features)
+        return ModelOutput(self.head(features), dict(features), unimodal)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> ModelOutput:
         return self.classify(self.encode(inputs))
@@ -108,8 +122,10 @@ def reference_init_(model: nn.Module, style: str = "ogm") -> None:
 
 
 def build_model(inputs: Mapping[str, InputSpec], num_classes: int, *, fusion: str = "concat",
-                init: str = "ogm", hidden: int = 128, feature_dim: int = 128) -> MultimodalClassifier:
-    """A classifier over the modalities of `inputs` (in its order) with the named fusion head.
+                init: str = "ogm", hidden: int = 128, feature_dim: int = 128,
+                unimodal_heads: bool = False) -> MultimodalClassifier:
+    """A classifier over the modalities of `inputs` (in its order) with the named fusion head
+    (and trained uni-modal heads with `unimodal_heads`).
 
     One modality with concat or sum fusion is a uni-modal baseline (encoder + linear head).
     """
@@ -118,6 +134,6 @@ def build_model(inputs: Mapping[str, InputSpec], num_classes: int, *, fusion: st
     encoders = {m: build_encoder(spec, hidden=hidden, feature_dim=feature_dim)
                 for m, spec in inputs.items()}
     head = build_fusion(fusion, {m: e.out_dim for m, e in encoders.items()}, num_classes)
-    model = MultimodalClassifier(encoders, head)
+    model = MultimodalClassifier(encoders, head, unimodal_heads=unimodal_heads)
     reference_init_(model, init)
     return model

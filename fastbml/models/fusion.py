@@ -8,8 +8,9 @@
 Uni-modal logits carry no gradient: they are only scored and logged, never trained on.
 FiLM and gated logits do not split into modalities, so those heads carry auxiliary
 per-modality linear heads on *detached* features: they read each encoder without feeding
-gradient back into it, so they change nothing in the multimodal training (no method here adds
-a uni-modal loss to the encoders); `auxiliary_loss` trains them.
+gradient back into it, so they change nothing in the multimodal training; `auxiliary_loss`
+trains them. (MMPareto's uni-modal losses, which do train the encoders, use the classifier's
+separate `unimodal_heads`.)
 """
 
 from __future__ import annotations

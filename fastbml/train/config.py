@@ -23,7 +23,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dty
 _FLOAT_RANGES = (("lr", 0.0, None), ("momentum", 0.0, None), ("weight_decay", 0.0, None),
                  ("gamma", 0.0, None), ("alpha", 0.0, None), ("q_base", 0.0, 1.0),
                  ("opm_lambda", 0.0, None), ("p_exe", 0.0, 1.0), ("dr_lambda", 0.0, None),
-                 ("agm_alpha", 0.0, None), ("pmr_alpha", 0.0, None), ("pmr_momentum", 0.0, 1.0))
+                 ("agm_alpha", 0.0, None), ("pmr_alpha", 0.0, None), ("pmr_momentum", 0.0, 1.0),
+                 ("mmpareto_gamma", 0.0, None))
 
 
 @dataclass
@@ -76,6 +77,10 @@ class TrainConfig:
     pmr_momentum: float = 0.2
     pmr_start: int = 0
     pmr_end: int | None = None
+    # MMPareto (docs/methods.md#mmpareto)
+    mmpareto_gamma: float = 1.5
+    mmpareto_start: int = 0
+    mmpareto_end: int | None = None
     # runtime
     amp: str = "none"
     on_nonfinite: str = "stop"   # a non-finite training loss: stop the run, or skip the step
@@ -111,8 +116,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("seed", "workers", "dr_times", "ogm_start", "opm_start", "agm_start",
-                     "pmr_start",
-                     "warmup_epochs"):
+                     "pmr_start", "warmup_epochs", "mmpareto_start"):
             value = getattr(self, name)
             if name == "workers" and value is None:
                 continue
@@ -129,7 +133,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("ogm_end", "opm_end", "agm_end", "pmr_end"):
+        for name in ("ogm_end", "opm_end", "agm_end", "pmr_end", "mmpareto_end"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):

@@ -1,11 +1,11 @@
 """The training loop behind `fastbml train`: one run of one method on one dataset.
 
-Per epoch: train (OPM in the forward, PMR's loss added to it, OGM after backward), PMR's
-prototypes, evaluate on val, D&R after the evaluation (as the D&R code does), log, checkpoint. The best-val epoch's model is evaluated on
-test once at the end: model selection never looks at test. Every epoch's shuffle is seeded by
-(seed, epoch) and the checkpoint carries model, optimiser, scheduler, AMP scaler, method state
-and the global RNG, so a resumed run continues exactly as an uninterrupted one (bit-identical on
-CPU).
+Per epoch: train (OPM in the forward, PMR's loss added to it, MMPareto as the backward pass,
+OGM after it), PMR's prototypes, evaluate on val, D&R after the evaluation (as the D&R code
+does), log, checkpoint. The best-val epoch's model is evaluated on test once at the end: model
+selection never looks at test. Every epoch's shuffle is seeded by (seed, epoch) and the
+checkpoint carries model, optimiser, scheduler, AMP scaler, method state and the global RNG,
+so a resumed run continues exactly as an uninterrupted one (bit-identical on CPU).
 
 Under DDP (`torchrun ... -m fastbml train`, or any initialised process group of 2+ ranks) the
 model runs inside DistributedDataParallel, every rank trains on its shard of each epoch's
@@ -60,7 +60,7 @@ from ..models import MultimodalClassifier, build_model
 from . import checkpoint as ckpt
 from .config import AMP_DTYPES, TrainConfig, config_dict
 from .logger import RunLogger, plot_history
-from .methods import MethodStack, compiled
+from .methods import MethodStack, compiled, needs_unimodal_heads
 from .metrics import classification_metrics
 
 CHECKPOINT = "checkpoint_last.pt"
@@ -207,8 +207,9 @@ def _gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
 
 
 class _TrainForward(nn.Module):
-    """The training forward (encoders, OPM, fusion head) as one module, for DDP to wrap: its
-    only submodule is the model, so DDP sees (and all-reduces) exactly the model's gradients."""
+    """The training forward (encoders, OPM, fusion head, the uni-modal heads MMPareto trains) as
+    one module, for DDP to wrap: its only submodule is the model, so DDP sees (and all-reduces)
+    exactly the model's gradients."""
 
     def __init__(self, model: nn.Module, methods: MethodStack):
         super().__init__()
@@ -223,7 +224,8 @@ class _TrainForward(nn.Module):
         unimodal = model.head.unimodal_logits(features)
         fused_in, weights = self.methods.features(features, unimodal, labels, epoch)
         extra = self.methods.extra_loss(features, labels, epoch)
-        return model.head(fused_in), unimodal, weights, extra
+        return (model.head(fused_in), unimodal, weights, extra,
+                model.unimodal_head_logits(features))
 
 
 def fsdp_mesh(device: torch.device, shard_size: int | None = None):
@@ -372,8 +374,9 @@ class Trainer:
                              f"got {cfg.modalities!r}")
         inputs = {m: info.inputs[m] for m in self.modalities}
         self.model = build_model(inputs, info.num_classes, fusion=cfg.fusion,
-                                 init=cfg.init, hidden=cfg.hidden,
-                                 feature_dim=cfg.feature_dim).to(self.device)
+                                 init=cfg.init, hidden=cfg.hidden, feature_dim=cfg.feature_dim,
+                                 unimodal_heads=needs_unimodal_heads(cfg.method)
+                                 ).to(self.device)
         if self.fsdp:  # before the helpers and the optimiser take the (now sharded) parameters
             shard_model(self.model, self.device, cfg.fsdp_mixed_precision, cfg.fsdp_shard_size)
         self.methods = MethodStack(cfg, self.model, info.num_classes, self.device)
@@ -612,7 +615,7 @@ class Trainer:
         model = self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, unimodal, weights, extra = self._forward(inputs, labels, epoch)
+            logits, unimodal, weights, extra, head_logits = self._forward(inputs, labels, epoch)
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum()
         aux = model.head.auxiliary_loss({m: u.float() for m, u in unimodal.items()}, labels)
@@ -627,11 +630,9 @@ class Trainer:
                 return None
         else:  # no sync: checked once per epoch (NaN / inf propagate through the sum)
             self._loss_check += total.detach()
+        self.methods.backward(total, head_logits, labels, epoch, self.scaler)
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
         self.methods.after_backward(unimodal, labels, epoch, inputs=inputs, logits=logits)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

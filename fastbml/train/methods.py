@@ -1,11 +1,12 @@
 """The balancing methods a run composes (`--method joint | ogm | ogm-ge | opm | dr | agm | pmr |
-a+b`).
+mmpareto | a+b`).
 
 `MethodStack` wires the fastbml helpers into the loop at their points: OPM between the encoders
 and the fusion head, PMR's prototypical loss added to the training loss (its prototypes rebuilt
-before training and after each epoch), OGM / OGM-GE and AGM after backward (after unscaling with
-AMP), D&R after each epoch's evaluation. It also gathers what each method did for the logs, on
-device, and syncs once per epoch.
+before training and after each epoch), MMPareto as the backward pass itself (over the model's
+uni-modal heads), OGM / OGM-GE and AGM after backward (after unscaling with AMP), D&R after
+each epoch's evaluation. It also gathers what each method did for the logs, on device, and
+syncs once per epoch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+from torch.nn import functional as F
 
 import fastbml
 
 from ..models import MultimodalClassifier
 from .config import AMP_DTYPES, TrainConfig
 
-METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "agm", "pmr")
+METHODS = ("joint", "ogm", "ogm-ge", "opm", "dr", "agm", "pmr", "mmpareto")
+# Methods whose model carries trained uni-modal heads (MultimodalClassifier(unimodal_heads=True)).
+UNIMODAL_HEAD_METHODS = ("mmpareto",)
+_REWRITES = ("MMPareto's combination of the uni-modal and multimodal gradients would be "
+             "rescaled by coefficients scored for the fused loss alone; combine mmpareto with "
+             "opm or dr")
 # Parts that cannot share a run, and why.
 EXCLUSIVE = (
     ({"ogm", "ogm-ge"}, "choose one of 'ogm' and 'ogm-ge'"),
@@ -30,6 +37,11 @@ EXCLUSIVE = (
     ({"pmr", "dr"}, "'pmr' cannot be combined with 'dr': D&R re-initialises the encoders whose "
                     "feature space PMR's prototypes describe, and their EMA would blend "
                     "prototypes of two different encoders"),
+    *(({"mmpareto", other}, f"'mmpareto' and '{other}' both rewrite the encoders' gradients "
+                            f"after backward ({_REWRITES})") for other in ("ogm", "ogm-ge", "agm")),
+    ({"mmpareto", "pmr"}, "'mmpareto' and 'pmr' cannot be combined: PMR's prototype loss on the "
+                          "encoders' features would be counted as part of MMPareto's multimodal "
+                          "objective, a combination neither method defines"),
 )
 
 FeatureFn = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]]
@@ -67,6 +79,11 @@ def parse_method(method: str) -> tuple[str, ...]:
     return parts
 
 
+def needs_unimodal_heads(method: str) -> bool:
+    """Whether the model of a run of `method` needs trained uni-modal heads."""
+    return any(p in UNIMODAL_HEAD_METHODS for p in parse_method(method))
+
+
 class MethodStack:
     """The helpers of one run's method, built for `model` from `cfg`."""
 
@@ -77,7 +94,7 @@ class MethodStack:
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
         seed = cfg.seed
-        self.ogm = self.opm = self.dr = self.agm = self.pmr = None
+        self.ogm = self.opm = self.dr = self.agm = self.pmr = self.mmpareto = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
             self.ogm = fastbml.OGM({m: model.encoders[m] for m in modalities}, alpha=cfg.alpha,
                                    form=cfg.ogm_form, noise="ogm-ge" in self.parts,
@@ -90,6 +107,13 @@ class MethodStack:
                                    p_exe=cfg.p_exe, start=cfg.opm_start, end=cfg.opm_end,
                                    warmup_epochs=cfg.warmup_epochs, seed=seed + 1,
                                    backend=cfg.backend).to(device)
+        if "mmpareto" in self.parts:
+            if model.unimodal_heads is None:
+                raise ValueError("method 'mmpareto' needs a model with uni-modal heads "
+                                 "(build_model(..., unimodal_heads=True))")
+            self.mmpareto = fastbml.MMPareto({m: model.encoders[m] for m in modalities},
+                                             gamma=cfg.mmpareto_gamma, start=cfg.mmpareto_start,
+                                             end=cfg.mmpareto_end, backend=cfg.backend)
         if "dr" in self.parts:
             self.dr = fastbml.DiagnoseRelearn(
                 {m: model.encoders[m] for m in modalities}, every=cfg.dr_every,
@@ -135,6 +159,21 @@ class MethodStack:
             return
         self.pmr.update_prototypes(epoch, batches())
 
+    def backward(self, loss: torch.Tensor, head_logits: Mapping[str, torch.Tensor] | None,
+                 labels: torch.Tensor, epoch: int,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        """The step's backward pass: MMPareto's (the uni-modal heads' losses next to `loss`,
+        two passes and the combination of the encoders' gradients), else one backward of
+        `loss`; scaled by `scaler` when given (the caller unscales afterwards)."""
+        if self.mmpareto is None:
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            return
+        unimodal = {m: F.cross_entropy(u.float(), labels) for m, u in head_logits.items()}
+        self.mmpareto.backward(loss, unimodal, epoch, scaler=scaler)
+        if self.mmpareto.active(epoch):
+            self._add("cos", self.mmpareto.last_cos)
+            self._add("conflict", (self.mmpareto.last_cos <= 0).float())
+
     def after_backward(self, unimodal: Mapping[str, torch.Tensor], labels: torch.Tensor,
                        epoch: int, *, inputs: Mapping[str, torch.Tensor],
                        logits: torch.Tensor) -> None:
@@ -163,7 +202,8 @@ class MethodStack:
 
     def epoch_logs(self) -> dict[str, float]:
         """Per-modality means over the epoch's steps (coeff_<m>, drop_prob_<m>, agm_score_<m>,
-        pmr_weight_<m>: the fraction of steps PMR's loss acted on m); resets the sums."""
+        pmr_weight_<m>: the fraction of steps PMR's loss acted on m, and MMPareto's cos_<m> and
+        conflict_<m>, the fraction of steps whose gradients conflicted); resets the sums."""
         out = {}
         for key, total in self._sums.items():
             for m, v in zip(self.modalities, (total / max(self._steps, 1)).tolist()):
@@ -180,7 +220,7 @@ class MethodStack:
 
     def _helpers(self) -> tuple:
         return (("ogm", self.ogm), ("opm", self.opm), ("dr", self.dr), ("agm", self.agm),
-                ("pmr", self.pmr))
+                ("pmr", self.pmr), ("mmpareto", self.mmpareto))
 
     def state_dict(self) -> dict:
         return {name: helper.state_dict() for name, helper in
