@@ -15,7 +15,8 @@ from distributed_utils import run_ranks, values
 from torch.distributed.tensor import DTensor
 
 from fastbml.data import SyntheticConfig, make_synthetic
-from fastbml.train import Trainer, make_config
+from fastbml.models import build_model
+from fastbml.train import MethodStack, Trainer, make_config
 from fastbml.train import checkpoint as ckpt
 
 TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)  # uneven eval shards
@@ -336,6 +337,12 @@ def test_fsdp_refusals(tmp_path, fsdp):
         _cfg(tmp_path, fsdp_shard_size=2)
     with pytest.raises(ValueError, match="fsdp_mixed_precision must be one of"):
         _cfg(tmp_path, fsdp=True, fsdp_mixed_precision="fp16")
+    info = make_synthetic(0, TINY).info
+    model = build_model(info.inputs, info.num_classes, hidden=8, feature_dim=8,
+                        unimodal_heads=True)
+    with pytest.raises(ValueError, match="method 'mmpareto' does not run under --fsdp"):
+        MethodStack(_cfg(tmp_path, method="mmpareto", fsdp=True), model, info.num_classes,
+                    torch.device("cpu"))
     # a sharded run's directory resumed without --fsdp (and a DDP one with it)
     with pytest.raises(ValueError, match=r"checkpoint_last.dcp is the checkpoint of a run with "
                                          "--fsdp; resume it with --fsdp"):

@@ -93,6 +93,10 @@ class MethodStack:
         modalities = list(model.modalities)
         if self.parts != ("joint",) and len(modalities) < 2:
             raise ValueError(f"method {cfg.method!r} needs at least two modalities")
+        if cfg.fsdp and "mmpareto" in self.parts:
+            raise ValueError("method 'mmpareto' does not run under --fsdp: MMPareto combines "
+                             "whole per-modality gradients, which it averages over the ranks "
+                             "itself; train it with DDP (no --fsdp)")
         seed = cfg.seed
         self.ogm = self.opm = self.dr = self.agm = self.pmr = self.mmpareto = None
         if "ogm" in self.parts or "ogm-ge" in self.parts:
