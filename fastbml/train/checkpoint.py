@@ -126,15 +126,10 @@ def save_sharded(tensors: dict, state: dict, path: Path, previous: Path | None =
     if world > 1:
         dist.barrier(group)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=group)
-    files = sorted(p.name for p in tmp.iterdir())
-    mine = {name: _digest(tmp / name) for name in files[rank::world]}  # hashed in parallel
-    everyone = [mine]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine, group=group)
+    digests = sharded_digests([tmp], group)
     if rank == 0:
-        digests = {k: v for part in everyone for k, v in part.items()}
-        (tmp / MANIFEST).write_text("".join(f"{digests[n]}  {n}\n" for n in files))
+        (tmp / MANIFEST).write_text("".join(f"{digest}  {Path(f).name}\n"
+                                            for f, digest in sorted(digests.items())))
         save(state, tmp / STATE)
         if previous is not None and path.is_dir():
             move(path, previous)
