@@ -190,7 +190,7 @@ def test_demo_quick_shows_the_imbalance(tmp_path):
     assert (tmp_path / "demo" / "comparison.png").is_file()
     on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert on_disk == results
-    assert list(results["methods"]) == ["joint", "ogm-ge", "opm", "dr"]
+    assert list(results["methods"]) == ["joint", "ogm-ge", "opm", "dr", "mmpareto", "agm", "pmr"]
     for r in results["methods"].values():
         assert set(r) == {"acc", "acc_per_modality", "seconds"}
         assert set(r["acc_per_modality"]) == {"audio", "visual"}

@@ -176,7 +176,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(              # the synthetic demo (docs/methods.md#reference-presets)
         dataset="synthetic", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
         scheduler="none", batch_size=64, epochs=20, alpha=0.8, q_base=0.5, opm_lambda=0.5,
-        p_exe=0.7, dr_lambda=3.0, dr_every=5, dr_times=3, threads=1),
+        p_exe=0.7, dr_lambda=3.0, dr_every=5, dr_times=3, pmr_end=5, threads=1),
 }
 
 

@@ -1,8 +1,8 @@
 """`fastbml demo`: the imbalance phenomenon and what each method does about it, on `synthetic`.
 
-Trains each modality alone, then joint, ogm-ge, opm and dr on the same data with the same seed
-and budget (the `demo` preset), and reports test accuracy (fused and per modality, model chosen
-on val) in a table, results.json and comparison.png under `out`.
+Trains each modality alone, then joint, ogm-ge, opm, dr, mmpareto, agm and pmr on the same data
+with the same seed and budget (the `demo` preset), and reports test accuracy (fused and per
+modality, model chosen on val) in a table, results.json and comparison.png under `out`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .config import make_config
 from .engine import Trainer
 from .logger import plot_comparison
 
-DEMO_METHODS = ("joint", "ogm-ge", "opm", "dr")
+DEMO_METHODS = ("joint", "ogm-ge", "opm", "dr", "mmpareto", "agm", "pmr")
 QUICK_SEEDS = (0,)
 FULL_SEEDS = (0, 1, 2)
 

@@ -6,7 +6,7 @@ pooled features of a small trained model). For each backend, purity over `--seed
 the mean, the spread (max - min) and the std; the D&R strength tanh(3 |P_train - P_val|) of two
 halves of the same distribution (its ideal value: 0) is reported the same way.
 
-    python -m benchmarks.bench_purity_noise [--n 6000] [--seeds 10] [--out FILE.md]
+    python -m benchmarks.purity_noise [--n 6000] [--seeds 10] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     device = device_name(torch.device("cpu"))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# Purity noise on {device}, {stamp}\n\n```\n" + "\n".join(lines) + "\n```\n\n"
-            "Command: `python -m benchmarks.bench_purity_noise" +
+            "Command: `python -m benchmarks.purity_noise" +
             (f" --n {args.n} --seeds {args.seeds}" if (args.n, args.seeds) != (6000, 10) else "")
             + "`\n")
     if args.out:
