@@ -149,3 +149,19 @@ def check_disjoint(written: Sequence[torch.Tensor], written_name: Callable[[int]
             raise ValueError(f"{written_name(spans[k][2])} and {read_name(j)} share memory: an "
                              "in-place op that reads what it writes gives undefined results; "
                              "pass tensors that do not alias")
+
+
+def check_labels(labels: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """`labels` as contiguous int64 if it is a plain integer tensor of shape [batch] on `device`;
+    else a TypeError / ValueError naming it."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    check_plain(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}] (the batch of the logits), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but logits on {device}")
+    return labels.to(torch.int64).contiguous()

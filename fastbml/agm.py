@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from . import distributed
-from ._checks import check_float_tensor, finite_number
+from ._checks import check_float_tensor, check_labels, finite_number
+from ._grad_groups import check_params, flatten, grads_of, modulate_
 from ._method import MethodScaffold
-from .ogm import _check_params, _flatten, _grads_of, _modulate_
 from .ops.combined_nll import combined_nll
-from .scores import _check_labels
 
 MAX_MODALITIES = 8            # 2^M - 1 subsets: 255 head evaluations per sample at M = 8
 PROB_FLOOR = 1e-8             # the authors' score replaces -log p by -log 1e-8 below this p
@@ -96,7 +95,7 @@ def agm_score_sums(subset_logits: torch.Tensor, labels: torch.Tensor, n_modaliti
     `subset_masks`). Divide by the batch size for the authors' score (a mean)."""
     _check_count(n_modalities)
     logits = _check_subset_logits(subset_logits, n_modalities)
-    labels = _check_labels(labels, logits.shape[1], logits.device)
+    labels = check_labels(labels, logits.shape[1], logits.device)
     return combined_nll(logits, shapley_weights(n_modalities, logits.device), labels, MAX_NLL,
                         backend=backend)
 
@@ -189,8 +188,8 @@ class AGM(MethodScaffold):
         wanted = (lambda p: p.dim() >= 2) if weights_only else (lambda p: True)
         self.params = [[p for p in enc.parameters() if p.requires_grad and wanted(p)]
                        for enc in self.encoders]
-        _check_params(self.params)
-        self._flat, self._scale_index = _flatten(self.params)
+        check_params(self.params)
+        self._flat, self._scale_index = flatten(self.params)
         self.weights_only = weights_only
         device = self._flat[0].device if self._flat else torch.device("cpu")
         # n (the running mean's count) and t live on the device: no step number reaches the host
@@ -259,9 +258,9 @@ class AGM(MethodScaffold):
         n = (self._step + 1).to(torch.float32)
         self.running.copy_(self.running * (n - 1) / n + scores / n)
         self._step.add_(1)
-        grads, scale_index = _grads_of(self.params, self._flat, self._scale_index, coeffs.device)
+        grads, scale_index = grads_of(self.params, self._flat, self._scale_index, coeffs.device)
         # DTensor gradients (FSDP2) are scaled through their local shards
-        _modulate_(self.params, self._flat, grads, scale_index, coeffs, noise=False,
+        modulate_(self.params, self._flat, grads, scale_index, coeffs, noise=False,
                    seed=self._no_seed, backend=self.backend)
         self.last_scores, self.last_coeffs = scores, coeffs
         return coeffs

@@ -18,8 +18,8 @@ from torch import nn
 
 from . import distributed
 from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
+from ._grad_groups import check_params, flatten, grouped
 from ._method import MethodScaffold
-from .ogm import _check_params, _flatten, _grouped
 from .ops.axpby import multi_tensor_axpby_
 from .ops.split_gram import multi_tensor_split_gram
 
@@ -109,10 +109,10 @@ def mmpareto_combine_(grads, unimodal_grads, *, gamma: float = 1.5,
     new = 2 (w_mm g_mm + w_uni g_uni) (a tensor whose new is 0 becomes 0). Returns the cosine of
     (g_mm, g_uni) per modality [M] and the weights [M, 2], float32 device tensors. No host sync.
     """
-    groups = _grouped(grads, modality_index, "grads")
-    parts = _check_pairs(groups, _grouped(unimodal_grads, modality_index, "unimodal_grads"))
+    groups = grouped(grads, modality_index, "grads")
+    parts = _check_pairs(groups, grouped(unimodal_grads, modality_index, "unimodal_grads"))
     gamma = finite_number(gamma, "gamma", low=0.0)
-    totals, flat_parts = _flatten(groups)[0], _flatten(parts)[0]
+    totals, flat_parts = flatten(groups)[0], flatten(parts)[0]
     if not totals:
         raise ValueError("grads must hold at least one tensor")
     device = totals[0].device
@@ -174,11 +174,11 @@ class MMPareto(MethodScaffold):
         self._setup(list(groups), start=start, end=end, warmup_epochs=warmup_epochs, seed=0,
                     backend=backend, process_group=process_group)
         self.params = [self._select(name, spec) for name, spec in groups.items()]
-        _check_params(self.params)
+        check_params(self.params)
         for name, group in zip(self.modalities, self.params):
             if not group:
                 raise ValueError(f"groups[{name!r}] has no trainable parameters")
-        self._flat, _ = _flatten(self.params)
+        self._flat, _ = flatten(self.params)
         self._where = [(m, j) for m, group in enumerate(self.params) for j in range(len(group))]
         self._step = torch.zeros((), dtype=torch.int64, device=self._flat[0].device)
         self.last_cos: torch.Tensor | None = None

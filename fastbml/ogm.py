@@ -7,22 +7,18 @@ tensor's own gradient std. All of it stays on the device: no host sync per step.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NoReturn
 
 import torch
 from torch import nn
 
 from . import distributed, rng
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
+from ._checks import finite_number
+from ._grad_groups import check_params, flatten, grads_of, grouped, modulate_
 from ._method import MethodScaffold
-from ._sharded import Dim0Shard, dim0_shard, is_dtensor
-from .ops.scale_noise import multi_tensor_moments, multi_tensor_scale_noise_, std_of_moments
 from .scores import modality_scores, strongest_other
 
 COEFF_FORMS = ("paper", "shifted")
-NOISE_EPS = 1e-8  # added to each tensor's gradient std, as the reference code does
 
 
 def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") -> torch.Tensor:
@@ -49,162 +45,12 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") ->
     return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * excess), 1.0)
 
 
-def _grouped(params, modality_index, name: str = "params") -> list[list[torch.Tensor]]:
-    """One list per modality from per-modality lists, or from a flat list with modality_index;
-    errors name the argument `name`."""
-    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
-        raise TypeError(f"{name} must be a list of per-modality tensor lists, or a flat list "
-                        "with modality_index")
-    params = list(params)
-    if modality_index is None:
-        groups = []
-        for m, group in enumerate(params):
-            if isinstance(group, torch.Tensor) or not isinstance(group, Iterable):
-                raise TypeError(f"{name}[{m}] must be a list of tensors (one list per modality); "
-                                "pass modality_index with a flat list")
-            groups.append(list(group))
-        return groups
-    index = list(modality_index)
-    if len(index) != len(params):
-        raise ValueError(f"modality_index has {len(index)} entries for {len(params)} {name}")
-    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in index):
-        raise ValueError("modality_index must hold non-negative ints")
-    groups = [[] for _ in range(max(index, default=-1) + 1)]
-    for p, m in zip(params, index):
-        groups[m].append(p)
-    return groups
-
-
-def _check_params(groups: list[list[torch.Tensor]]) -> None:
-    for m, group in enumerate(groups):
-        for j, p in enumerate(group):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{m}][{j}] must be a tensor, got {type(p).__name__}")
-    seen: set[int] = set()
-    for m, group in enumerate(groups):
-        for j, p in enumerate(group):
-            if id(p) in seen:
-                raise ValueError(f"params[{m}][{j}] appears in more than one modality group")
-            seen.add(id(p))
-
-
-def _reject_grad(groups: list[list[torch.Tensor]], p: torch.Tensor,
-                 device: torch.device) -> NoReturn:
-    """Raises the error that says why p.grad cannot be modulated."""
-    m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group) if q is p)
-    name, g = f"params[{m}][{j}].grad", p.grad
-    if not is_dtensor(g):
-        check_plain(g, name)
-    if g.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {g.dtype}")
-    if g.device != device:
-        raise ValueError(f"{name} is on {g.device} but coeffs on {device}")
-    raise TypeError(f"{name} is sparse; OGM needs dense gradients")
-
-
-def _grads_of(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], index: list[int],
-              device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
-    """The gradients to modulate (parameters without one skipped) and their modality indices;
-    one cheap test per gradient, the detailed checks only to say what is wrong."""
-    grads, scale_index = [], []
-    for p, m in zip(flat, index):
-        g = p.grad
-        if g is None:
-            continue
-        if not ((type(g) in PLAIN_TENSORS or is_dtensor(g)) and g.dtype in FLOAT_DTYPES
-                and g.device == device and g.layout == torch.strided):
-            _reject_grad(groups, p, device)
-        grads.append(g)
-        scale_index.append(m)
-    return grads, scale_index
-
-
-def _grad_name(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], i: int,
-               labels: Sequence[str] | None = None) -> str:
-    """The name of the i-th gradient that `_grads_of` returned (built only for an error)."""
-    with_grad = (k for k, p in enumerate(flat) if p.grad is not None)
-    k = next(itertools.islice(with_grad, i, None))
-    m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group)
-                if q is flat[k])
-    return f"params[{m}][{j}].grad" + (f" ({labels[k]})" if labels else "")
-
-
-def _check_grads_disjoint(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
-                          grads: list[torch.Tensor]) -> None:
-    """ValueError naming the two parameters whose gradients share memory."""
-    check_disjoint(grads, lambda i: _grad_name(groups, flat, i))
-
-
-def _all_reduce_rows_(moments: torch.Tensor, groups: list[object | None]) -> None:
-    """Sums row t of `moments` over groups[t] (None: a whole tensor, left alone): one
-    all_reduce per distinct group, one in all for a model sharded on one mesh. Rows are
-    addressed as slices (no index tensor to copy to the device, no host sync)."""
-    spans: dict[object, list[list[int]]] = {}
-    for t, group in enumerate(groups):
-        if group is not None:
-            runs = spans.setdefault(group, [])
-            if runs and runs[-1][1] == t:
-                runs[-1][1] = t + 1
-            else:
-                runs.append([t, t + 1])
-    for group, runs in spans.items():
-        if len(runs) == 1:  # a contiguous block of rows, reduced in place
-            distributed.all_reduce_sum_(moments[runs[0][0]:runs[0][1]], group)
-            continue
-        part = distributed.all_reduce_sum_(torch.cat([moments[a:b] for a, b in runs]), group)
-        start = 0
-        for a, b in runs:
-            moments[a:b].copy_(part[start:start + b - a])
-            start += b - a
-
-
-def _modulate_(groups: list[list[torch.Tensor]], flat: list[torch.Tensor],
-               grads: list[torch.Tensor], scale_index: list[int], coeffs: torch.Tensor, *,
-               noise: bool, seed: rng.Seed | None, backend: str,
-               labels: Sequence[str] | None = None) -> None:
-    """g <- k g (+ noise) over the gradients; DTensor ones through their local shards
-    (docs/design.md#fsdp2).
-
-    A shard of a DTensor sharded on dim 0 is a contiguous range of the whole tensor's
-    flattened elements: it draws the noise of the whole tensor's indices there, and its std
-    comes from the (count, sum, sum of squares) of every shard, summed by one all_reduce of a
-    [T, 3] float64 tensor over the sharding group. Nothing else crosses ranks, and the kernels
-    work on the local shards (buffers of at most this rank's shards): no rank builds a whole
-    gradient.
-    """
-    if not any(is_dtensor(g) for g in grads):
-        _check_grads_disjoint(groups, flat, grads)
-        multi_tensor_scale_noise_(grads, scale_index, coeffs, noise=noise, seed=seed,
-                                  stream=rng.STREAM_NOISE, eps=NOISE_EPS, backend=backend)
-        return
-    with torch.no_grad():  # the DTensors' local tensors themselves
-        shards = [dim0_shard(g, lambda i=i: _grad_name(groups, flat, i, labels))
-                  if is_dtensor(g) else Dim0Shard(g, 0, None) for i, g in enumerate(grads)]
-    local = [shard.local for shard in shards]
-    _check_grads_disjoint(groups, flat, local)
-    std = None
-    if noise:
-        moments = multi_tensor_moments(local, backend=backend)
-        _all_reduce_rows_(moments, [shard.group for shard in shards])
-        std = std_of_moments(moments)
-    multi_tensor_scale_noise_(local, scale_index, coeffs, noise=noise, seed=seed,
-                              stream=rng.STREAM_NOISE, eps=NOISE_EPS,
-                              shards=[(g.numel(), shard.first)  # a DTensor's numel: whole
-                                      for g, shard in zip(grads, shards)],
-                              std=std, backend=backend)
-
-
 def _check_coeffs(coeffs: object, n_groups: int) -> None:
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
     if coeffs.dim() != 1 or coeffs.numel() != n_groups:
         raise ValueError(f"coeffs must have one entry per modality ({n_groups}), got shape "
                          f"{tuple(coeffs.shape)}")
-
-
-def _flatten(groups: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[int]]:
-    return ([p for group in groups for p in group],
-            [m for m, group in enumerate(groups) for _ in group])
 
 
 def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int] | None = None,
@@ -224,12 +70,12 @@ def ogm_modulate_(params, coeffs: torch.Tensor, *, modality_index: Sequence[int]
     as their whole tensors would be (docs/design.md#fsdp2), given the same `seed` on every
     rank (the helper `OGM` shares one); other placements are a ValueError.
     """
-    groups = _grouped(params, modality_index)
+    groups = grouped(params, modality_index)
     _check_coeffs(coeffs, len(groups))
-    _check_params(groups)
-    flat, index = _flatten(groups)
-    grads, scale_index = _grads_of(groups, flat, index, coeffs.device)
-    _modulate_(groups, flat, grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
+    check_params(groups)
+    flat, index = flatten(groups)
+    grads, scale_index = grads_of(groups, flat, index, coeffs.device)
+    modulate_(groups, flat, grads, scale_index, coeffs.detach(), noise=noise, seed=seed,
                backend=backend)
 
 
@@ -278,8 +124,8 @@ class OGM(MethodScaffold):
         selected = [self._select(name, spec, conv_only) for name, spec in groups.items()]
         self.params = [[p for _, p in group] for group in selected]
         self._labels = [label for group in selected for label, _ in group]
-        _check_params(self.params)
-        self._flat, self._scale_index = _flatten(self.params)
+        check_params(self.params)
+        self._flat, self._scale_index = flatten(self.params)
         self.alpha, self.form, self.noise = float(alpha), form, noise
         first = self._flat[0] if self._flat else None
         # The step counter lives on the device: a compiled step reads and increments it there,
@@ -320,9 +166,9 @@ class OGM(MethodScaffold):
             self._step = self._step.to(scores.device)
         if self.active(epoch):
             coeffs = ogm_coefficients(scores, self.alpha, self.form)
-            grads, scale_index = _grads_of(self.params, self._flat, self._scale_index,
+            grads, scale_index = grads_of(self.params, self._flat, self._scale_index,
                                            coeffs.device)
-            _modulate_(self.params, self._flat, grads, scale_index, coeffs, noise=self.noise,
+            modulate_(self.params, self._flat, grads, scale_index, coeffs, noise=self.noise,
                        seed=rng.step_seed_tensor(self.seed, self._step), backend=self.backend,
                        labels=self._labels)
         else:

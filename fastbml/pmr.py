@@ -15,10 +15,17 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from . import distributed
-from ._checks import check_float_tensor, check_on_device, finite_number, integer, probability
+from ._checks import (
+    check_float_tensor,
+    check_labels,
+    check_on_device,
+    finite_number,
+    integer,
+    probability,
+)
 from ._method import MethodScaffold
 from .ops.prototype_cross_entropy import prototype_cross_entropy
-from .scores import _check_labels, strongest_other
+from .scores import strongest_other
 
 
 def pmr_loss_weights(scores: torch.Tensor) -> torch.Tensor:
@@ -125,7 +132,7 @@ class PMR(MethodScaffold):
             self._step = self._step.to(device)
 
     def _labels(self, labels: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        labels = _check_labels(labels, features[0].shape[0], features[0].device)
+        labels = check_labels(labels, features[0].shape[0], features[0].device)
         if labels.numel():
             check_on_device(((labels >= 0) & (labels < self.n_classes)).all(),
                             f"labels must lie in [0, {self.n_classes}), got values outside it")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_float_tensor, check_plain
+from ._checks import check_float_tensor, check_labels
 from .ops.true_class_prob import true_class_prob
 
 
@@ -37,20 +37,6 @@ def _logit_parts(logits: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Te
     return parts
 
 
-def _check_labels(labels: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-    check_plain(labels, "labels")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape [{batch}] (the batch of the logits), "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but logits on {device}")
-    return labels.to(torch.int64).contiguous()
-
-
 def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
                     backend: str = "auto") -> torch.Tensor:
     """s_m = sum_i softmax(logits_m[i])[labels[i]] for each modality m: float32 [M], detached.
@@ -60,7 +46,7 @@ def modality_scores(logits: torch.Tensor | Sequence[torch.Tensor], labels: torch
     ValueError on CPU and trip a device-side assert on CUDA (no host sync).
     """
     parts = _logit_parts(logits)
-    labels = _check_labels(labels, parts[0].shape[0], parts[0].device)
+    labels = check_labels(labels, parts[0].shape[0], parts[0].device)
     return true_class_prob(parts, labels, backend=backend)
 
 
