@@ -81,11 +81,7 @@ int64_t combined_nll_sums(uintptr_t logits_ptr, int dtype, int64_t n_sets, int64
       nll_tile(dt, x, n_sets, batch, n_classes, w, n_groups, labels, cap, t * tile,
                std::min(batch, (t + 1) * tile), phi.data(), nll.data());
   }
-  for (int64_t m = 0; m < n_groups; ++m) {  // fixed order: deterministic for any thread count
-    double sum = 0.0;
-    for (int64_t i = 0; i < batch; ++i) sum += nll[m * batch + i];
-    out[m] = static_cast<float>(sum);
-  }
+  sum_rows(nll.data(), n_groups, batch, out);
   return 0;
 }
 

@@ -81,4 +81,14 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
+// out[m] = sum_i rows[m * batch + i] in double, in a fixed order: deterministic for any thread
+// count (the per-row values come from a parallel loop, the sums never do).
+inline void sum_rows(const float* rows, int64_t n_groups, int64_t batch, float* out) {
+  for (int64_t m = 0; m < n_groups; ++m) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < batch; ++i) sum += rows[m * batch + i];
+    out[m] = static_cast<float>(sum);
+  }
+}
+
 }  // namespace fastbml

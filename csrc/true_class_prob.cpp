@@ -76,11 +76,7 @@ int64_t true_class_prob_sums(const std::vector<uintptr_t>& logits_ptrs, int dtyp
       true_probs(dt, logits_ptrs.data(), labels, batch, n_classes, t * tile_rows,
                  std::min(rows, (t + 1) * tile_rows), shifted.data(), prob.data());
   }
-  for (int64_t m = 0; m < n_groups; ++m) {  // fixed order: deterministic for any thread count
-    double sum = 0.0;
-    for (int64_t i = 0; i < batch; ++i) sum += prob[m * batch + i];
-    out[m] = static_cast<float>(sum);
-  }
+  sum_rows(prob.data(), n_groups, batch, out);
   return 0;
 }
 

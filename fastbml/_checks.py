@@ -165,3 +165,15 @@ def check_labels(labels: torch.Tensor, batch: int, device: torch.device) -> torc
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but logits on {device}")
     return labels.to(torch.int64).contiguous()
+
+
+def check_scores(scores: object) -> None:
+    """TypeError / ValueError unless `scores` is a floating-point vector of M >= 2 modality
+    scores."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
+    if scores.dim() != 1 or scores.numel() < 2:
+        raise ValueError(f"scores must be a vector of M >= 2 modality scores, got shape "
+                         f"{tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")

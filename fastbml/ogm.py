@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed, rng
-from ._checks import finite_number
+from ._checks import check_scores, finite_number
 from ._grad_groups import check_params, flatten, grads_of, grouped, modulate_
 from ._method import MethodScaffold
 from .scores import modality_scores, strongest_other
@@ -29,13 +29,7 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, form: str = "paper") ->
     "paper" gives k_m = 1 - tanh(alpha * rho_m) (CVPR Eq. 10, discontinuous at rho = 1),
     "shifted" gives k_m = 1 - tanh(alpha * (rho_m - 1)); every other modality gets k = 1.
     """
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
-    if scores.dim() != 1 or scores.numel() < 2:
-        raise ValueError(f"scores must be a vector of M >= 2 modality scores, got shape "
-                         f"{tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    check_scores(scores)
     alpha = finite_number(alpha, "alpha", low=0.0)
     if form not in COEFF_FORMS:
         raise ValueError(f"form must be one of {COEFF_FORMS}, got {form!r}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed, rng
-from ._checks import check_float_tensor, check_unit_range, finite_number, probability
+from ._checks import check_float_tensor, check_scores, check_unit_range, finite_number, probability
 from ._method import MethodScaffold
 from .ops.row_drop import row_drop
 from .scores import modality_scores
@@ -28,13 +28,7 @@ def opm_drop_probs(scores: torch.Tensor, q_base: float, lam: float) -> torch.Ten
     (rho_m > 1; an exact tie drops nothing) gets q_m = clip(q_base * (1 + lam * tanh(rho_m - 1)),
     0, 1); every other modality gets 0. Pure device math.
     """
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
-    if scores.dim() != 1 or scores.numel() < 2:
-        raise ValueError(f"scores must be a vector of M >= 2 modality scores, got shape "
-                         f"{tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    check_scores(scores)
     q_base = probability(q_base, "q_base")
     lam = finite_number(lam, "lam", low=0.0)
     s = scores.detach().to(torch.float32)

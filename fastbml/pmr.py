@@ -19,6 +19,7 @@ from ._checks import (
     check_float_tensor,
     check_labels,
     check_on_device,
+    check_scores,
     finite_number,
     integer,
     probability,
@@ -32,13 +33,7 @@ def pmr_loss_weights(scores: torch.Tensor) -> torch.Tensor:
     """Which modalities get the prototypical loss: w [M] (float32, 0 or 1) from the prototype
     scores s [M]. w_m = 1 iff rho_m = s_m / max_{j != m} s_j < 1, i.e. another modality scores
     strictly higher (for M = 2: the weaker one; an exact tie gives neither). Pure device math."""
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
-    if scores.dim() != 1 or scores.numel() < 2:
-        raise ValueError(f"scores must be a vector of M >= 2 modality scores, got shape "
-                         f"{tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    check_scores(scores)
     s = scores.detach().to(torch.float32)
     return (s < strongest_other(s)).to(torch.float32)
 
