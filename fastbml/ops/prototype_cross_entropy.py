@@ -168,8 +168,7 @@ forward_op = _library.define(
 
 
 def _autograd_of(forward, backward) -> type[torch.autograd.Function]:
-    """The op's autograd around a path that does not go through the op (the torch reference,
-    the Triton interpreter)."""
+    """The op's autograd around `forward` and `backward` called directly (eager code)."""
 
     class PrototypeCrossEntropy(torch.autograd.Function):
         @staticmethod
@@ -188,8 +187,9 @@ def _autograd_of(forward, backward) -> type[torch.autograd.Function]:
     return PrototypeCrossEntropy
 
 
-_TorchFunction = _autograd_of(_torch_forward, _torch_backward)
-_InterpretedFunction = _autograd_of(_triton_forward, _triton_backward)
+_EAGER = {"torch": _autograd_of(_torch_forward, _torch_backward),
+          "cpp": _autograd_of(_cpp_forward, _cpp_backward),
+          "triton": _autograd_of(_triton_forward, _triton_backward)}
 
 
 def prototype_cross_entropy(features: torch.Tensor, prototypes: torch.Tensor,
@@ -205,7 +205,9 @@ def prototype_cross_entropy(features: torch.Tensor, prototypes: torch.Tensor,
     impl = resolve_backend(backend, device)
     if impl != "cpp" and features.shape[0]:  # the cpp kernel checks the range itself
         _check_label_range(labels, prototypes.shape[0])
-    if impl == "cpp" or device.type == "cuda":
+    in_op = impl == "cpp" or (impl == "triton" and device.type == "cuda")
+    if in_op and torch.compiler.is_compiling():  # the registered op: one node in the graph
         return forward_op(features, prototypes, class_mask, labels)[0]
-    function = _TorchFunction if impl == "torch" else _InterpretedFunction
-    return function.apply(features, prototypes, class_mask, labels)[0]
+    # Eager: the same kernels under a plain autograd.Function, which costs a fraction of the
+    # registered autograd's Python dispatch (docs/design.md#ops-and-torchcompile).
+    return _EAGER[impl].apply(features, prototypes, class_mask, labels)[0]

@@ -145,11 +145,13 @@ def row_drop(features: Sequence[torch.Tensor], q: torch.Tensor, *, threshold: fl
     impl = resolve_backend(backend, device)
     q = q.detach()
     streams = (coin_stream, mask_stream)
-    if impl == "cpp" or device.type == "cuda":
+    in_op = impl == "cpp" or (impl == "triton" and device.type == "cuda")
+    if in_op and torch.compiler.is_compiling():  # the registered op: one node in the graph
         outputs, weights, executed = row_drop_op(features, q, threshold, seed, mask_seed, *streams)
         return list(outputs), weights, executed
-    kernel, function = ((_torch_impl, _TorchDrop) if impl == "torch"
-                        else (_triton_kernel, _InterpretedDrop))  # triton: the interpreter
+    # Eager: the same kernels under a plain autograd.Function, which costs a fraction of the
+    # registered autograd's Python dispatch (docs/design.md#ops-and-torchcompile).
+    kernel, function = _EAGER[impl]
     if not (torch.is_grad_enabled() and any(f.requires_grad for f in features)):
         return kernel(features, q, threshold, seed, mask_seed, *streams)
     if mask_seed is seed:  # autograd.Function under dynamo takes no tensor twice
@@ -160,8 +162,8 @@ def row_drop(features: Sequence[torch.Tensor], q: torch.Tensor, *, threshold: fl
 
 
 def _autograd_of(kernel) -> type[torch.autograd.Function]:
-    """The op's autograd around a path that does not go through the op (the torch reference,
-    the Triton interpreter): forward and backward are the same pass of `kernel`."""
+    """The op's autograd around `kernel` called directly (eager code): forward and backward are
+    the same pass of `kernel`."""
 
     class Drop(torch.autograd.Function):
         @staticmethod
@@ -183,5 +185,6 @@ def _autograd_of(kernel) -> type[torch.autograd.Function]:
     return Drop
 
 
-_TorchDrop = _autograd_of(_torch_impl)
-_InterpretedDrop = _autograd_of(_triton_kernel)
+_EAGER = {"torch": (_torch_impl, _autograd_of(_torch_impl)),
+          "cpp": (_cpp_kernel, _autograd_of(_cpp_kernel)),
+          "triton": (_triton_kernel, _autograd_of(_triton_kernel))}
