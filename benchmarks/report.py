@@ -2,6 +2,7 @@
 
     python -m benchmarks.report                 # all benchmarks on the default device
     python -m benchmarks.report --only ogm      # modules whose name contains "ogm"
+    python -m benchmarks.report --only ogm --update   # ... replacing only their rows
 
 Ratios are computed only between cases measured in this one run, on this one device. On a
 GPU the fastbml rows also report the fraction of the memory-bandwidth floor achieved, where the
@@ -74,7 +75,8 @@ def run(device: torch.device, only: str | None, repeats: int) -> dict:
             samples = harness.time_case(case, device, repeats=repeats)
             median = harness.median(samples)
             row = {"module": module_name, "op": case.op, "shape": case.shape, "impl": case.impl,
-                   "median_s": median, "samples": len(samples)}
+                   "median_s": median, "samples": len(samples),
+                   "date": time.strftime("%Y-%m-%d", time.gmtime())}
             if case.bytes_moved is not None and bandwidth is not None:
                 row["floor_fraction"] = case.bytes_moved / bandwidth / median
             rows.append(row)
@@ -96,8 +98,9 @@ def _speedup(times: dict[str, float], reference: str, seconds: float) -> str:
 
 def markdown(result: dict) -> str:
     lines = [f"# Benchmarks on {result['device']}", "",
-             f"torch {result['torch']}, {result['threads']} threads, {result['date']}."
-             " Ratios are speed-ups measured in this one run (higher is faster).", ""]
+             f"torch {result['torch']}, {result['threads']} threads; latest run {result['date']}."
+             " Ratios are speed-ups between the rows of one section, measured in one run (higher is"
+             " faster).", ""]
     if result["copy_bandwidth_GBps"]:
         lines += [f"Measured copy bandwidth: {result['copy_bandwidth_GBps']:.0f} GB/s.", ""]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -105,7 +108,8 @@ def markdown(result: dict) -> str:
         groups.setdefault((row["op"], row["shape"]), []).append(row)
     for (op, shape), rows in groups.items():
         times = {r["impl"]: r["median_s"] for r in rows}
-        lines += [f"## {op} — {shape}", "",
+        measured = f"measured {rows[0]['date']}, in one run" if "date" in rows[0] else ""
+        lines += [f"## {op} — {shape}", "", *([measured, ""] if measured else []),
                   "| implementation | median ms | × vs original | × vs torch | % of bandwidth floor |",
                   "|---|---:|---:|---:|---:|"]
         for r in rows:
@@ -117,14 +121,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _merged(path: Path, result: dict) -> dict:
+    """`result` with the rows of the modules it did not run taken from the table at `path`
+    (each section keeps the date it was measured on)."""
+    if not path.is_file():
+        return result
+    previous = json.loads(path.read_text())
+    ran = {row["module"] for row in result["rows"]}
+    kept = [{"date": previous["date"][:10], **row} for row in previous["rows"]
+            if row["module"] not in ran]
+    return {**result, "rows": kept + result["rows"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help="run the bench_* modules whose name contains this")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows of the modules run in the existing table")
     args = parser.parse_args(argv)
     result = run(torch.device(args.device), args.only, args.repeats)
+    if args.update:
+        result = _merged(args.out / f"{result['device']}.json", result)
     table = markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / result["device"]
