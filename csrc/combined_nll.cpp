@@ -62,10 +62,7 @@ int64_t combined_nll_sums(uintptr_t logits_ptr, int dtype, int64_t n_sets, int64
                           uintptr_t labels_ptr, double max_nll, uintptr_t out_ptr) {
   const DType dt = dtype_from_code(dtype);
   const int64_t* labels = reinterpret_cast<const int64_t*>(labels_ptr);
-  int64_t out_of_range = 0;
-#pragma omp simd reduction(+ : out_of_range)
-  for (int64_t i = 0; i < batch; ++i) out_of_range += (labels[i] < 0) | (labels[i] >= n_classes);
-  if (out_of_range) return out_of_range;
+  if (const int64_t bad = labels_out_of_range(labels, batch, n_classes)) return bad;
   const void* x = reinterpret_cast<const void*>(logits_ptr);
   const float* w = reinterpret_cast<const float*>(weights_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);

@@ -91,4 +91,13 @@ inline void sum_rows(const float* rows, int64_t n_groups, int64_t batch, float* 
   }
 }
 
+// How many of the batch's labels lie outside [0, n_classes): the kernels that index by label
+// check them first and report the count instead of reading out of bounds.
+inline int64_t labels_out_of_range(const int64_t* labels, int64_t batch, int64_t n_classes) {
+  int64_t out_of_range = 0;
+#pragma omp simd reduction(+ : out_of_range)
+  for (int64_t i = 0; i < batch; ++i) out_of_range += (labels[i] < 0) | (labels[i] >= n_classes);
+  return out_of_range;
+}
+
 }  // namespace fastbml

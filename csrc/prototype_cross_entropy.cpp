@@ -223,11 +223,7 @@ int64_t prototype_cross_entropy_forward(uintptr_t features_ptr, int dtype, int64
                                         uintptr_t lse_ptr) {
   const Problem pb = problem(features_ptr, dtype, batch, dim, row_stride, prototypes_ptr,
                              n_classes, mask_ptr, labels_ptr);
-  int64_t out_of_range = 0;
-#pragma omp simd reduction(+ : out_of_range)
-  for (int64_t i = 0; i < batch; ++i)
-    out_of_range += (pb.labels[i] < 0) | (pb.labels[i] >= n_classes);
-  if (out_of_range) return out_of_range;
+  if (const int64_t bad = labels_out_of_range(pb.labels, batch, n_classes)) return bad;
   float* loss = reinterpret_cast<float*>(loss_ptr);
   float* lse = reinterpret_cast<float*>(lse_ptr);
   split_rows(pb, [&](int64_t first, int64_t last) { forward_share(pb, first, last, loss, lse); });

@@ -58,10 +58,7 @@ int64_t true_class_prob_sums(const std::vector<uintptr_t>& logits_ptrs, int dtyp
                              int64_t n_classes, uintptr_t labels_ptr, uintptr_t out_ptr) {
   const DType dt = dtype_from_code(dtype);
   const int64_t* labels = reinterpret_cast<const int64_t*>(labels_ptr);
-  int64_t out_of_range = 0;
-#pragma omp simd reduction(+ : out_of_range)
-  for (int64_t i = 0; i < batch; ++i) out_of_range += (labels[i] < 0) | (labels[i] >= n_classes);
-  if (out_of_range) return out_of_range;
+  if (const int64_t bad = labels_out_of_range(labels, batch, n_classes)) return bad;
   float* out = reinterpret_cast<float*>(out_ptr);
   const int64_t n_groups = static_cast<int64_t>(logits_ptrs.size());
   const int64_t rows = n_groups * batch;
