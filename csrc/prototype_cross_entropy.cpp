@@ -120,6 +120,45 @@ void forward_rows(const Problem& pb, int64_t first, int64_t last, float* loss, f
   }
 }
 
+// acc[r] = sum_c a[r * C + c] P_c for the tile's rows: two rows and kSpan columns at a time,
+// held in registers across the classes (each prototype chunk is loaded once for both rows, and
+// the accumulators are never reloaded).
+constexpr int64_t kSpan = 32;
+
+void accumulate_prototypes(const Problem& pb, const float* a, int64_t rows, float* acc) {
+  const int64_t dim = pb.dim, n_classes = pb.n_classes;
+  for (int64_t r = 0; r < rows; r += 2) {
+    const bool pair = r + 1 < rows;
+    const float* a0 = a + r * n_classes;
+    const float* a1 = pair ? a0 + n_classes : a0;
+    for (int64_t k0 = 0; k0 < dim; k0 += kSpan) {
+      const int64_t span = std::min(kSpan, dim - k0);
+      float s0[kSpan] = {}, s1[kSpan] = {};
+      if (span == kSpan) {
+        for (int64_t c = 0; c < n_classes; ++c) {
+          const float* p = pb.prototypes + c * dim + k0;
+          const float w0 = a0[c], w1 = a1[c];
+#pragma omp simd
+          for (int64_t k = 0; k < kSpan; ++k) {
+            s0[k] += w0 * p[k];
+            s1[k] += w1 * p[k];
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < n_classes; ++c) {
+          const float* p = pb.prototypes + c * dim + k0;
+          for (int64_t k = 0; k < span; ++k) {
+            s0[k] += a0[c] * p[k];
+            s1[k] += a1[c] * p[k];
+          }
+        }
+      }
+      std::copy(s0, s0 + span, acc + r * dim + k0);
+      if (pair) std::copy(s1, s1 + span, acc + (r + 1) * dim + k0);
+    }
+  }
+}
+
 template <typename T>
 void backward_rows(const Problem& pb, const float* grad, const float* lse, T* out, int64_t first,
                    int64_t last) {
@@ -146,16 +185,7 @@ void backward_rows(const Problem& pb, const float* grad, const float* lse, T* ou
       }
       rowsum[r] = total;
     }
-    std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
-    for (int64_t c = 0; c < n_classes; ++c) {
-      const float* p = pb.prototypes + c * dim;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float ac = a[r * n_classes + c];
-        float* accr = acc.data() + r * dim;
-#pragma omp simd
-        for (int64_t k = 0; k < dim; ++k) accr[k] += ac * p[k];
-      }
-    }
+    accumulate_prototypes(pb, a.data(), rows, acc.data());
     for (int64_t r = 0; r < rows; ++r) {
       T* o = out + (r0 + r) * dim;
       const float* accr = acc.data() + r * dim;
