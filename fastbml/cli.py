@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch.distributed as dist
 
-    from .train.engine import NonFiniteLossError, Trainer, setup_distributed
+    from .train.engine import NonFiniteLossError, Trainer
+    from .train.parallel import setup_distributed
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "preset", "resume")}
     values["dataset_options"] = dict(values["dataset_options"] or [])

@@ -14,7 +14,7 @@ from distributed_utils import run_ranks, values
 from fastbml import rng
 from fastbml.data import SyntheticConfig, make_synthetic
 from fastbml.train import Trainer, make_config
-from fastbml.train.engine import _ShardSampler, setup_distributed
+from fastbml.train.parallel import ShardSampler, setup_distributed
 
 # Uneven val / test sizes: the ranks' evaluation shards differ in length.
 TINY = SyntheticConfig(n_train=192, n_val=95, n_test=93)
@@ -203,7 +203,7 @@ def test_pmr_two_ranks_identical_replicas_equal_one_process_with_the_global_batc
 
 def test_shard_sampler_splits_the_single_process_order():
     n, world, batch = 10, 3, 2
-    shards = [list(_ShardSampler(range(n), num_replicas=world, rank=r, seed=5)) for r in
+    shards = [list(ShardSampler(range(n), num_replicas=world, rank=r, seed=5)) for r in
               range(world)]
     assert [len(s) for s in shards] == [4, 4, 4]       # padded by wrapping around
     g = torch.Generator().manual_seed(rng.step_seed(5, 0))
@@ -211,7 +211,7 @@ def test_shard_sampler_splits_the_single_process_order():
     first_global = sorted(i for s in shards for i in s[:batch])
     assert first_global == sorted(order[:world * batch])
     assert sorted({i for s in shards for i in s}) == list(range(n))
-    again = _ShardSampler(range(n), num_replicas=world, rank=1, seed=5)
+    again = ShardSampler(range(n), num_replicas=world, rank=1, seed=5)
     again.set_epoch(1)
     assert list(again) != shards[1]
 

@@ -2,9 +2,10 @@
 
 from .config import PRESETS, TrainConfig, make_config
 from .demo import format_table, run_demo
-from .engine import Trainer, setup_distributed, train
+from .engine import Trainer, train
 from .methods import METHODS, MethodStack, parse_method
 from .metrics import classification_metrics
+from .parallel import setup_distributed
 
 __all__ = [
     "METHODS",
