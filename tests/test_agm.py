@@ -129,16 +129,6 @@ def test_labels_out_of_range_are_refused(backend):
                                backend=backend)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu" or fastbml.backend.cpp_module() is None,
-                    reason="the CPU implementation is the cpp kernel")
-def test_opcheck_combined_nll():
-    args = (randn(7, 9, 5), torch.randn(3, 7), torch.randint(0, 5, (9,)), MAX_NLL)
-    torch.library.opcheck(torch.ops.fastbml.combined_nll.default, args)
-    args = (randn(3, 6, 4, dtype=torch.bfloat16), torch.randn(2, 3), torch.randint(0, 4, (6,)),
-            3.0)
-    torch.library.opcheck(torch.ops.fastbml.combined_nll.default, args)
-
-
 # ---------------------------------------------------------------------------- coefficients
 
 

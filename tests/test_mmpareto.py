@@ -89,28 +89,6 @@ def test_axpby_torch_reference_is_the_formula():
         torch.testing.assert_close(x, w)
 
 
-def _opcheck(device):
-    def r(*shape, dtype=torch.float32):
-        return (torch.randn(*shape, device=device) + 0.1).to(dtype)
-    ops = torch.ops.fastbml
-    torch.library.opcheck(ops.split_gram.default,
-                          ([r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)],
-                           [r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)]))
-    torch.library.opcheck(ops.axpby_.default,
-                          ([r(5, 4), r(9)], [r(5, 4), r(9)], torch.randn(2, 2, device=device)))
-
-
-@pytest.mark.skipif(DEVICE.type != "cpu" or fastbml.backend.cpp_module() is None,
-                    reason="the CPU implementation is the cpp kernel")
-def test_opcheck_on_cpu():
-    _opcheck(torch.device("cpu"))
-
-
-@pytest.mark.gpu
-def test_opcheck_on_cuda():
-    _opcheck(torch.device("cuda"))
-
-
 # ---------------------------------------------------------------------------- weights
 
 
