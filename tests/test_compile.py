@@ -272,11 +272,11 @@ def _opcheck_cases(device):
         [r(7, 3), r(40), r(2, 2, dtype=torch.bfloat16)])
     yield "axpby_", ops.axpby_.default, (
         [r(5, 4), r(9)], [r(5, 4), r(9)], torch.randn(2, 2, device=device))
-    labels7 = torch.randint(0, 5, (9,), device=device)
+    set_labels = torch.randint(0, 5, (9,), device=device)
     yield "combined_nll", ops.combined_nll.default, (
-        r(7, 9, 5), torch.randn(3, 7, device=device), labels7, 18.42)
+        r(7, 9, 5), torch.randn(3, 7, device=device), set_labels, 18.42)
     yield "combined_nll", ops.combined_nll.default, (
-        r(3, 6, 4, dtype=torch.bfloat16), torch.randn(2, 3, device=device), labels7[:6] % 4, 3.0)
+        r(3, 6, 4, dtype=torch.bfloat16), torch.randn(2, 3, device=device), set_labels[:6] % 4, 3.0)
     yield "row_drop", ops.row_drop.default, (
         [r(9, 4).requires_grad_(), r(9, 2, 3).requires_grad_()],
         torch.tensor([0.5, 0.1], device=device), 0.0, seed, torch.tensor(6, device=device), 1, 2)
