@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .logsumexp import online_logsumexp, row_tile
+
 
 @triton.jit
 def _combined_nll_kernel(logits, weights, labels, out, n_sets, batch, n_classes, max_nll,
@@ -31,10 +33,7 @@ def _combined_nll_kernel(logits, weights, labels, out, n_sets, batch, n_classes,
                             other=0.0).to(tl.float32)
                 phi += w * x
             phi = tl.where(ok, phi, float("-inf"))
-            new_peak = tl.maximum(peak, tl.max(phi, axis=1))
-            safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-            denom = denom * tl.exp(peak - safe) + tl.sum(tl.exp(phi - safe[:, None]), axis=1)
-            peak = new_peak
+            peak, denom = online_logsumexp(peak, denom, phi)
         label = tl.load(labels + r, mask=row_ok, other=0)
         phi_label = tl.zeros((ROWS,), tl.float32)
         for s in range(0, n_sets):
@@ -55,8 +54,7 @@ def combined_nll_sums(logits: torch.Tensor, weights: torch.Tensor, labels: torch
     n_sets, batch, n_classes = logits.shape
     groups = weights.shape[0]
     out = torch.empty(groups, dtype=torch.float32, device=logits.device)
-    cols = min(triton.next_power_of_2(n_classes), 1024)
-    rows = max(1, min(triton.next_power_of_2(batch), 4096 // cols))
+    rows, cols = row_tile(batch, n_classes)
     _combined_nll_kernel[(groups,)](logits, weights, labels, out, n_sets, batch, n_classes,
                                     float(max_nll), *logits.stride(), ROWS=rows, COLS=cols,
                                     num_warps=4)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .logsumexp import online_logsumexp
+
 CLASSES, COLUMNS = 16, 32  # the [rows, classes, columns] tile of the distance loop
 
 
@@ -61,10 +63,7 @@ def _forward_kernel(features, prototypes, mask, labels, loss, lse, batch, n_clas
         finite = d < float("inf")  # False for inf and NaN
         bad += tl.sum((valid[None, :] & ~finite).to(tl.int32), axis=1)
         s = tl.where(valid[None, :] & finite, -d, float("-inf"))
-        new_peak = tl.maximum(peak, tl.max(s, axis=1))
-        safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-        denom = denom * tl.exp(peak - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
-        peak = new_peak
+        peak, denom = online_logsumexp(peak, denom, s)
         d_label += tl.sum(tl.where(c[None, :] == label[:, None], d, 0.0), axis=1)
     log_norm = tl.where(denom > 0.0, peak + tl.log(tl.where(denom > 0.0, denom, 1.0)),
                         float("-inf"))  # -inf for an empty mask

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .logsumexp import online_logsumexp, row_tile
+
 
 @triton.jit
 def _true_class_prob_kernel(logits, labels, out, batch, n_classes, stride_g, stride_b, stride_c,
@@ -26,10 +28,7 @@ def _true_class_prob_kernel(logits, labels, out, batch, n_classes, stride_g, str
             ok = row_ok[:, None] & (c < n_classes)[None, :]
             x = tl.load(base[:, None] + c[None, :] * stride_c, mask=ok,
                         other=float("-inf")).to(tl.float32)
-            new_peak = tl.maximum(peak, tl.max(x, axis=1))
-            safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-            denom = denom * tl.exp(peak - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
-            peak = new_peak
+            peak, denom = online_logsumexp(peak, denom, x)
         label = tl.load(labels + r, mask=row_ok, other=0)
         x_label = tl.load(base + label * stride_c, mask=row_ok, other=0.0).to(tl.float32)
         total += tl.where(row_ok, tl.exp(x_label - peak) / denom, 0.0)
@@ -40,8 +39,7 @@ def true_class_prob_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """logits [G, B, C] (any strides), labels [B] int64 -> float32 [G]."""
     groups, batch, n_classes = logits.shape
     out = torch.empty(groups, dtype=torch.float32, device=logits.device)
-    cols = min(triton.next_power_of_2(n_classes), 1024)
-    rows = max(1, min(triton.next_power_of_2(batch), 4096 // cols))
+    rows, cols = row_tile(batch, n_classes)
     _true_class_prob_kernel[(groups,)](logits, labels, out, batch, n_classes, *logits.stride(),
                                        ROWS=rows, COLS=cols, num_warps=4)
     return out
