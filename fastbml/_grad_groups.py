@@ -58,18 +58,25 @@ def check_params(groups: list[list[torch.Tensor]]) -> None:
             seen.add(id(p))
 
 
-def _reject_grad(groups: list[list[torch.Tensor]], p: torch.Tensor,
-                 device: torch.device) -> NoReturn:
-    """Raises the error that says why p.grad cannot be modulated."""
-    m, j = next((m, j) for m, group in enumerate(groups) for j, q in enumerate(group) if q is p)
-    name, g = f"params[{m}][{j}].grad", p.grad
-    if not is_dtensor(g):
+def usable_grad(g: torch.Tensor, device: torch.device, *, sharded: bool = True) -> bool:
+    """Whether a kernel can rewrite `g` in place: a dense gradient of a kernel dtype on `device`,
+    a plain tensor or (with `sharded`) a DTensor. One cheap test per gradient on the hot path;
+    `reject_grad` says what is wrong."""
+    return ((type(g) in PLAIN_TENSORS or (sharded and is_dtensor(g))) and g.dtype in FLOAT_DTYPES
+            and g.device == device and g.layout == torch.strided)
+
+
+def reject_grad(g: torch.Tensor, name: str, device: torch.device, *, against: str,
+                sharded: bool = True) -> NoReturn:
+    """The error that says why `g` (called `name`) fails `usable_grad`; `against` names what
+    sets the expected device."""
+    if not (sharded and is_dtensor(g)):
         check_plain(g, name)
     if g.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {g.dtype}")
     if g.device != device:
-        raise ValueError(f"{name} is on {g.device} but coeffs on {device}")
-    raise TypeError(f"{name} is sparse; OGM needs dense gradients")
+        raise ValueError(f"{name} is on {g.device} but {against} on {device}")
+    raise TypeError(f"{name} is sparse; only dense gradients can be rewritten in place")
 
 
 def grads_of(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], index: list[int],
@@ -81,9 +88,10 @@ def grads_of(groups: list[list[torch.Tensor]], flat: list[torch.Tensor], index: 
         g = p.grad
         if g is None:
             continue
-        if not ((type(g) in PLAIN_TENSORS or is_dtensor(g)) and g.dtype in FLOAT_DTYPES
-                and g.device == device and g.layout == torch.strided):
-            _reject_grad(groups, p, device)
+        if not usable_grad(g, device):
+            m, j = next((m, j) for m, group in enumerate(groups)
+                        for j, q in enumerate(group) if q is p)
+            reject_grad(g, f"params[{m}][{j}].grad", device, against="coeffs")
         grads.append(g)
         scale_index.append(m)
     return grads, scale_index

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from ._checks import FLOAT_DTYPES, PLAIN_TENSORS, check_disjoint, check_plain, finite_number
-from ._grad_groups import check_params, flatten, grouped
+from ._checks import FLOAT_DTYPES, check_disjoint, check_plain, finite_number
+from ._grad_groups import check_params, flatten, grouped, reject_grad, usable_grad
 from ._method import MethodScaffold
 from .ops.axpby import multi_tensor_axpby_
 from .ops.split_gram import multi_tensor_split_gram
@@ -244,7 +244,9 @@ class MMPareto(MethodScaffold):
         totals, pairs, counts = [], [], [0] * len(self.params)
         for p, part, (m, j) in zip(self._flat, parts, self._where):
             if p.grad is not None:  # a parameter the total loss does not reach is left alone
-                self._check_grad(p.grad, m, j, multimodal.device)
+                if not usable_grad(p.grad, multimodal.device, sharded=False):
+                    reject_grad(p.grad, f"groups[{self.modalities[m]!r}][{j}].grad",
+                                multimodal.device, against="the losses", sharded=False)
                 totals.append(p.grad)
                 pairs.append(part)
                 counts[m] += 1
@@ -260,17 +262,6 @@ class MMPareto(MethodScaffold):
                 before.append(g)
         if now:
             torch._foreach_add_(now, before)
-
-    def _check_grad(self, g: torch.Tensor, m: int, j: int, device: torch.device) -> None:
-        if not (type(g) in PLAIN_TENSORS and g.dtype in FLOAT_DTYPES and g.device == device
-                and g.layout == torch.strided):
-            name = f"groups[{self.modalities[m]!r}][{j}].grad"
-            check_plain(g, name)
-            if g.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name} must be float32, bfloat16 or float16, got {g.dtype}")
-            if g.device != device:
-                raise ValueError(f"{name} is on {g.device} but the losses on {device}")
-            raise TypeError(f"{name} is sparse; MMPareto needs dense gradients")
 
     def _averaged(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """The uni-modal gradients averaged over the process group (as DDP averages `.grad`):
