@@ -36,20 +36,40 @@ def all_reduce_sum_(tensor: torch.Tensor, group: object | None) -> torch.Tensor:
     return tensor
 
 
+def _flat_by_dtype(tensors: list[torch.Tensor]):
+    """(tensors, one flat copy of them) for each dtype among `tensors`: one collective each."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        yield same, torch.cat([t.reshape(-1) for t in same])
+
+
+def _copy_back_(same: list[torch.Tensor], flat: torch.Tensor) -> None:
+    torch._foreach_copy_(same, [part.view_as(t) for part, t in
+                                zip(flat.split([t.numel() for t in same]), same)])
+
+
 def broadcast_(tensors: list[torch.Tensor], group: object | None) -> None:
     """Overwrite `tensors` with the values of the group's first rank: one broadcast per dtype
     (nothing when group is None)."""
     if group is None:
         return
     source = dist.get_global_rank(group, 0)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for same in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in same])
+    for same, flat in _flat_by_dtype(tensors):
         dist.broadcast(flat, src=source, group=group)
-        torch._foreach_copy_(same, [part.view_as(t) for part, t in
-                                    zip(flat.split([t.numel() for t in same]), same)])
+        _copy_back_(same, flat)
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], group: object | None) -> None:
+    """Average `tensors` over the ranks of `group` in place, as DDP averages gradients: one
+    all_reduce per dtype (nothing when group is None)."""
+    if group is None:
+        return
+    world = dist.get_world_size(group)
+    for same, flat in _flat_by_dtype(tensors):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        _copy_back_(same, flat.div_(world))
 
 
 def shared_seed(seed: int, group: object | None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import distributed
@@ -240,7 +239,7 @@ class MMPareto(MethodScaffold):
         parts = list(torch.autograd.grad(unimodal, self._flat, retain_graph=True,
                                          allow_unused=True, materialize_grads=True))
         total.backward()
-        parts = self._averaged(parts)
+        distributed.all_reduce_mean_(parts, self.group)  # invisible to DDP
         totals, pairs, counts = [], [], [0] * len(self.params)
         for p, part, (m, j) in zip(self._flat, parts, self._where):
             if p.grad is not None:  # a parameter the total loss does not reach is left alone
@@ -262,24 +261,6 @@ class MMPareto(MethodScaffold):
                 before.append(g)
         if now:
             torch._foreach_add_(now, before)
-
-    def _averaged(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The uni-modal gradients averaged over the process group (as DDP averages `.grad`):
-        one all_reduce per dtype of a flat copy, returned as views of it."""
-        if self.group is None:
-            return parts
-        world = dist.get_world_size(self.group)
-        out = list(parts)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, g in enumerate(parts):
-            by_dtype.setdefault(g.dtype, []).append(i)
-        for members in by_dtype.values():
-            flat = torch.cat([parts[i].reshape(-1) for i in members])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            flat.div_(world)
-            for i, view in zip(members, flat.split([parts[i].numel() for i in members])):
-                out[i] = view.view_as(parts[i])
-        return out
 
     def _config(self) -> dict:
         return {"modalities": self.modalities, "gamma": self.gamma, "steps": self.steps,
