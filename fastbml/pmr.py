@@ -126,9 +126,10 @@ class PMR(MethodScaffold):
         if self._step.device != device:
             self._step = self._step.to(device)
 
-    def _labels(self, labels: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    def _labels(self, labels: torch.Tensor, features: list[torch.Tensor], *,
+                check_range: bool = True) -> torch.Tensor:
         labels = check_labels(labels, features[0].shape[0], features[0].device)
-        if labels.numel():
+        if check_range and labels.numel():
             check_on_device(((labels >= 0) & (labels < self.n_classes)).all(),
                             f"labels must lie in [0, {self.n_classes}), got values outside it")
         return labels
@@ -143,7 +144,7 @@ class PMR(MethodScaffold):
         """
         self._check_ranks()
         feats = self._features(features)
-        labels = self._labels(labels, feats)
+        labels = self._labels(labels, feats, check_range=False)  # the op guards the range
         self._step.add_(1)
         if not self.active(epoch):
             self.last_scores = self.last_weights = self.last_losses = None

@@ -331,6 +331,8 @@ def test_window_state_dict_and_errors():
         other.loss([feats[0].long(), feats[1]], labels, 1)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         other.collect(feats, labels + 4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):  # guarded by the op
+        other.loss(feats, labels + 4, 1)
     with pytest.raises(ValueError, match="momentum"):
         fastbml.PMR(["a", "v"], 4, momentum=1.5)
     with pytest.raises(ValueError, match="n_classes"):
