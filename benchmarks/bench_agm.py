@@ -28,11 +28,10 @@ import torch
 from torch.nn import functional as F
 
 import fastbml
-from fastbml.backend import cpp_module, triton_available
 from fastbml.data.synthetic import SyntheticConfig, make_synthetic
 from fastbml.models import build_model
 
-from .harness import ORIGINAL, Case, fastbml_impl, median, time_case
+from .harness import ORIGINAL, Case, fastbml_backends, fastbml_impl, interleaved_medians
 from .report import device_name, write_table
 
 BATCH = 64
@@ -132,12 +131,6 @@ class OriginalAGM:
         self.optimizer.step()
 
 
-def _fastbml_backends(device: torch.device) -> list[str]:
-    if device.type == "cuda":
-        return ["triton"] if triton_available() else []
-    return ["cpp"] if cpp_module() is not None else []
-
-
 def cases(device: torch.device) -> list[Case]:
     out = []
     for n in (2, 3):
@@ -149,7 +142,7 @@ def cases(device: torch.device) -> list[Case]:
                      lambda m=model, o=optimizer, x=inputs, y=labels: plain_step(m, o, x, y)),
                 Case("agm_train_step", shape, ORIGINAL,
                      lambda a=original, x=inputs, y=labels: a.step(x, y))]
-        for backend in _fastbml_backends(device):
+        for backend in fastbml_backends(device):
             agm = fastbml.AGM({m: model.encoders[m] for m in model.modalities}, model.head,
                               alpha=ALPHA, backend=backend)
             out.append(Case("agm_train_step", shape, fastbml_impl(backend),
@@ -164,13 +157,7 @@ def main(rounds: int = 10, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     all_cases = cases(device)
-    samples: dict[tuple[str, str], list[float]] = {(c.shape, c.impl): [] for c in all_cases}
-    for r in range(rounds + 2):
-        for case in all_cases:
-            seconds = time_case(case, device, repeats=1, warmup=0)
-            if r >= 2:  # two warm-up rounds
-                samples[case.shape, case.impl] += seconds
-    times = {key: median(s) for key, s in samples.items()}
+    times = interleaved_medians(all_cases, device, rounds)
     name = device_name(device)
     lines = [f"# AGM training step on {name}", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbml
-from fastbml.backend import cpp_module, triton_available
 from fastbml.models.resnet import BasicBlock
 
-from .harness import ORIGINAL, Case, fastbml_impl, median, time_case
+from .harness import ORIGINAL, Case, fastbml_backends, fastbml_impl, interleaved_medians
 from .report import device_name, write_table
 from .resnet_shapes import audio_visual_conv_grads
 
@@ -205,12 +204,6 @@ def make_batch(device: torch.device, batch: int = BATCH, spec_side: int = 64,
     return spec.to(device), frames.to(device), label.to(device)
 
 
-def _backends(device: torch.device) -> list[str]:
-    if device.type == "cuda":
-        return ["triton"] if triton_available() else []
-    return ["cpp"] if cpp_module() is not None else []
-
-
 JOINT = "plain multitask step (1 backward, no MMPareto)"
 
 
@@ -226,7 +219,7 @@ def cases(device: torch.device) -> list[Case]:
                  f"{batch}, spectrogram {spec_side}^2, {n_frames} frame(s) {frame_side}^2, fp32")
         out.append(Case("mmpareto_step", shape, ORIGINAL,
                         lambda m=model, o=optimizer, d=data, r=records: authors_step(m, o, *d, r)))
-        for backend in ["torch", *_backends(device)]:
+        for backend in ["torch", *fastbml_backends(device)]:
             helper = fastbml.MMPareto({"audio": model.audio_net, "visual": model.visual_net},
                                       backend=backend)
             out.append(Case("mmpareto_step", shape, fastbml_impl(backend),
@@ -268,7 +261,7 @@ def combination_cases(device: torch.device) -> list[Case]:
     shape = f"2x ResNet-18 conv grads: {len(named)} tensors, {n_elements / 1e6:.1f}M fp32"
     out = [Case("mmpareto_combination", shape, ORIGINAL,
                 lambda: authors_rewrite(named, grads, authors_weights(grads)), setup=restore)]
-    for backend in ["torch", *_backends(device)]:
+    for backend in ["torch", *fastbml_backends(device)]:
         out.append(Case("mmpareto_combination", shape, fastbml_impl(backend),
                         lambda b=backend: fastbml.mmpareto_combine_(
                             [[p.grad for p in group] for group in params], g_uni, backend=b),
@@ -280,12 +273,7 @@ def main(rounds: int = 21) -> None:
     """Medians with the implementations interleaved call by call (two warm-up rounds)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     all_cases = cases(device)
-    samples: dict[tuple[str, str], list[float]] = {(c.shape, c.impl): [] for c in all_cases}
-    for r in range(rounds + 2):
-        for case in all_cases:
-            seconds = time_case(case, device, repeats=1, warmup=0)
-            if r >= 2:
-                samples[(case.shape, case.impl)] += seconds
+    times = interleaved_medians(all_cases, device, rounds)
     name = device_name(device)
     lines = [f"# MMPareto step on {name}", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); from the forward "
@@ -296,11 +284,11 @@ def main(rounds: int = 21) -> None:
              "table times the combination alone, once the per-loss gradients are captured "
              "(`fastbml[torch]` is the float64 reference path).", ""]
     for shape in dict.fromkeys(c.shape for c in all_cases):
-        times = {impl: median(s) for (sh, impl), s in samples.items() if sh == shape}
+        row = {impl: t for (sh, impl), t in times.items() if sh == shape}
         lines += [f"## {shape}", "", "| implementation | median ms | × vs original |",
                   "|---|---:|---:|"]
-        for impl, seconds in times.items():
-            lines.append(f"| {impl} | {seconds * 1e3:.2f} | {times[ORIGINAL] / seconds:.2f} |")
+        for impl, seconds in row.items():
+            lines.append(f"| {impl} | {seconds * 1e3:.2f} | {row[ORIGINAL] / seconds:.2f} |")
         lines.append("")
     write_table(f"{name}-mmpareto.md", "\n".join(lines))
 

@@ -15,9 +15,8 @@ import math
 import torch
 
 import fastbml
-from fastbml.backend import cpp_module, triton_available
 
-from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_impl
+from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_backends, fastbml_impl
 from .resnet_shapes import audio_visual_conv_grads
 
 ALPHA = 0.8
@@ -70,12 +69,6 @@ def _score_inputs(batch, classes, device):
     return out_a, out_v, labels
 
 
-def _fastbml_backends(device):
-    if device.type == "cuda":
-        return ["triton"] if triton_available() else []
-    return ["cpp"] if cpp_module() is not None else []
-
-
 def cases(device: torch.device) -> list[Case]:
     out: list[Case] = []
     for batch, classes in ((64, 31), (256, 400)):
@@ -85,7 +78,7 @@ def cases(device: torch.device) -> list[Case]:
                         original_scores(a, v, y)))
         out.append(Case("scores", shape, PLAIN_TORCH, lambda a=out_a, v=out_v, y=labels:
                         plain_scores(a, v, y)))
-        for backend in _fastbml_backends(device):
+        for backend in fastbml_backends(device):
             out.append(Case("scores", shape, fastbml_impl(backend),
                             lambda a=out_a, v=out_v, y=labels, b=backend:
                             fastbml.modality_scores([a, v], y, backend=b)))
@@ -110,7 +103,7 @@ def cases(device: torch.device) -> list[Case]:
     out.append(Case("ogm_ge_step", shape, PLAIN_TORCH, lambda: plain_ogm_ge_step(*step_args),
                     setup=restore))
     coeffs = torch.tensor([0.336, 1.0], device=device)
-    for backend in _fastbml_backends(device):
+    for backend in fastbml_backends(device):
         ogm = fastbml.OGM({"audio": params[0], "visual": params[1]}, alpha=ALPHA, seed=0,
                           backend=backend)
         out.append(Case("ogm_ge_step", shape, fastbml_impl(backend),

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 import fastbml
-from fastbml.backend import cpp_module, triton_available
 
-from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_impl
+from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_backends, fastbml_impl
 
 P_EXE = 1.0
 Q_DOMINANT = 0.6  # q_base 0.4, lambda 1: a clearly dominant first modality
@@ -65,12 +64,6 @@ def plain_opm_drop(features, q, dims):
     return [f * factor[m, :, None] for m, f in enumerate(features)], weights
 
 
-def _fastbml_backends(device):
-    if device.type == "cuda":
-        return ["triton"] if triton_available() else []
-    return ["cpp"] if cpp_module() is not None else []
-
-
 def _forward_backward(drop, features, upstream):
     outputs = drop(features)
     torch.autograd.backward(outputs, [g[: o.shape[0]] for o, g in zip(outputs, upstream)])
@@ -100,7 +93,7 @@ def cases(device: torch.device) -> list[Case]:
             out.append(Case("opm_drop_fwd_bwd", shape, PLAIN_TORCH,
                             run(lambda fs, q=q, d=dims: plain_opm_drop(fs, q, d)[0]),
                             setup=clear, bytes_moved=n_bytes))
-            for backend in _fastbml_backends(device):
+            for backend in fastbml_backends(device):
                 out.append(Case("opm_drop_fwd_bwd", shape, fastbml_impl(backend),
                                 run(lambda fs, q=q, b=backend: fastbml.opm_drop(
                                     fs, q, p_exe=P_EXE, seed=7, backend=b)[0]),

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbml
-from fastbml.backend import cpp_module, triton_available
 
-from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_impl
+from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_backends, fastbml_impl
 
 ALPHA = 1.0
 DIM = 512  # the pooled ResNet-18 feature
@@ -62,12 +61,6 @@ def plain_pmr_loss(f_a, f_v, p_a, p_v, labels):
     return ALPHA * (weights * losses).sum()
 
 
-def _fastbml_backends(device):
-    if device.type == "cuda":
-        return ["triton"] if triton_available() else []
-    return ["cpp"] if cpp_module() is not None else []
-
-
 def cases(device: torch.device) -> list[Case]:
     out: list[Case] = []
     g = torch.Generator(device="cpu").manual_seed(5)
@@ -93,7 +86,7 @@ def cases(device: torch.device) -> list[Case]:
                         setup=clear, single_shot=n_classes > 100))  # ~10 s a call at C=309
         out.append(Case("pmr_loss_fwd_bwd", shape, PLAIN_TORCH, run(plain_pmr_loss),
                         setup=clear))
-        for backend in _fastbml_backends(device):
+        for backend in fastbml_backends(device):
             pmr = fastbml.PMR(["audio", "visual"], n_classes, alpha=ALPHA, backend=backend)
             pmr.collect(protos, torch.arange(n_classes, device=device))  # prototypes = protos
             pmr.update_prototypes(0)

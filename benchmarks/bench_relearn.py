@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 import fastbml
-from fastbml.backend import cpp_module, triton_available
 from fastbml.models.resnet import ResNet18Trunk
 
-from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_impl
+from .harness import ORIGINAL, PLAIN_TORCH, Case, fastbml_backends, fastbml_impl
 
 STRENGTH = {"audio_net": 0.291, "visual_net": 0.537}  # tanh(3 g) for gaps 0.1 and 0.2
 
@@ -38,12 +37,6 @@ def plain_soft_reinit(groups: list[list[nn.Parameter]], inits: list[list[torch.T
     with torch.no_grad():
         for params, init, a in zip(groups, inits, STRENGTH.values()):
             torch._foreach_lerp_(params, init, a)
-
-
-def _fastbml_backends(device: torch.device) -> list[str]:
-    if device.type == "cuda":
-        return ["triton"] if triton_available() else []
-    return ["cpp"] if cpp_module() is not None else []
 
 
 def cases(device: torch.device) -> list[Case]:
@@ -69,7 +62,7 @@ def cases(device: torch.device) -> list[Case]:
                 setup=restore, bytes_moved=bytes_moved),
            Case("soft_reinit", shape, PLAIN_TORCH, lambda: plain_soft_reinit(groups, inits),
                 setup=restore, bytes_moved=bytes_moved)]
-    for backend in _fastbml_backends(device):
+    for backend in fastbml_backends(device):
         out.append(Case("soft_reinit", shape, fastbml_impl(backend),
                         lambda b=backend: fastbml.soft_reinit_(groups, inits,
                                                                list(STRENGTH.values()), backend=b),

@@ -23,6 +23,15 @@ def fastbml_impl(backend: str) -> str:
     return f"fastbml[{backend}]"
 
 
+def fastbml_backends(device: torch.device) -> list[str]:
+    """The fast backends to time on `device`: triton on CUDA, cpp on CPU (when built)."""
+    from fastbml.backend import cpp_module, triton_available
+
+    if device.type == "cuda":
+        return ["triton"] if triton_available() else []
+    return ["cpp"] if cpp_module() is not None else []
+
+
 @dataclass(frozen=True)
 class Case:
     op: str                                   # what is measured, e.g. "ogm_ge_step"
@@ -64,3 +73,17 @@ def time_case(case: Case, device: torch.device, *, repeats: int = 20, warmup: in
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def interleaved_medians(cases: list[Case], device: torch.device, rounds: int,
+                        warmup_rounds: int = 2) -> dict[tuple[str, str], float]:
+    """Median seconds per (shape, impl), every case timed once per round, round after round, so
+    that a slow spell of a shared machine hits them all alike; the first `warmup_rounds`
+    rounds are not counted."""
+    samples: dict[tuple[str, str], list[float]] = {(c.shape, c.impl): [] for c in cases}
+    for r in range(rounds + warmup_rounds):
+        for case in cases:
+            seconds = time_case(case, device, repeats=1, warmup=0)
+            if r >= warmup_rounds:
+                samples[case.shape, case.impl] += seconds
+    return {key: median(s) for key, s in samples.items()}
