@@ -27,7 +27,7 @@ from fastbml.data import DatasetInfo, Splits, TensorDataset
 from fastbml.models import InputSpec
 from fastbml.train import Trainer, make_config
 
-from .harness import ORIGINAL, Case, median, time_case
+from .harness import ORIGINAL, Case, interleaved_medians
 from .report import device_name, write_table
 
 BATCH = 64
@@ -108,13 +108,7 @@ def main(rounds: int = 15) -> None:
     that a slow spell of a shared machine hits them all alike."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     all_cases = cases(device)
-    samples: dict[str, list[float]] = {case.impl: [] for case in all_cases}
-    for r in range(rounds + 2):
-        for case in all_cases:
-            seconds = time_case(case, device, repeats=1, warmup=0)
-            if r >= 2:  # two warm-up rounds
-                samples[case.impl] += seconds
-    times = {impl: median(s) for impl, s in samples.items()}
+    times = {impl: t for (_, impl), t in interleaved_medians(all_cases, device, rounds).items()}
     name = device_name(device)
     lines = [f"# Training-step overhead on {name}", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
